@@ -1,0 +1,116 @@
+"""Query batches: what producers publish to the query topic (JSON, ``"v": 1``).
+
+Wire form::
+
+    {"v": 1, "batch_id": "b1", "submitted_at": 1700000000.5, "reply_topic": null,
+     "priority": "online", "items": [{"id": "q1", "query": "red shoes", "docs": ["..."]}]}
+
+`docs` is omitted (or null) for a query scored alone; item ids may be JSON ints and are then
+stored as strings, since consumers correlate by string id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from . import _check as c
+from .errors import SchemaError
+from .limits import DEFAULT_LIMITS, Limits
+
+Priority = Literal["online", "offline"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryItem:
+    """One query, optionally with the documents to score it against."""
+
+    id: str
+    query: str
+    docs: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_obj(
+        cls, obj: object, limits: Limits = DEFAULT_LIMITS, where: str = "item"
+    ) -> QueryItem:
+        """Validate a decoded JSON object (also used for JSONL query logs, one item a line)."""
+        m = c.keys(obj, where, ("id", "query"), ("docs",))
+        raw_id = m["id"]
+        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            raw_id = str(raw_id)
+        item_id = c.text(raw_id, c.join(where, "id"), limits.max_id_chars, blank_ok=True)
+        query = c.text(m["query"], c.join(where, "query"), limits.max_query_chars)
+        docs = _docs(m.get("docs"), c.join(where, "docs"), limits)
+        return cls(item_id, query, docs)
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"id": self.id, "query": self.query}
+        if self.docs is not None:
+            obj["docs"] = self.docs
+        return obj
+
+
+def _docs(value: object, field: str, limits: Limits) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    docs = c.array(value, field, limits.max_docs_per_item, min_items=1)
+    return tuple(
+        c.text(d, f"{field}[{i}]", limits.max_doc_chars, blank_ok=True) for i, d in enumerate(docs)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueryBatch:
+    """A producer's batch; item ids are unique within it."""
+
+    batch_id: str
+    items: tuple[QueryItem, ...]
+    submitted_at: float  # unix seconds, set by the producer; queue time is measured from it
+    reply_topic: str | None = None  # score topic override; None = the fleet's default
+    priority: Priority = "online"
+
+    @classmethod
+    def from_obj(cls, obj: object, limits: Limits = DEFAULT_LIMITS) -> QueryBatch:
+        required = ("v", "batch_id", "items", "submitted_at")
+        m = c.keys(obj, "", required, ("reply_topic", "priority"))
+        c.check_version(m)
+        batch_id = c.text(m["batch_id"], "batch_id", limits.max_id_chars, blank_ok=True)
+        raw_items = c.array(m["items"], "items", limits.max_items, min_items=1)
+        items = tuple(
+            QueryItem.from_obj(it, limits, f"items[{i}]") for i, it in enumerate(raw_items)
+        )
+        c.unique((it.id for it in items), "items[{}].id")
+        return cls(
+            batch_id=batch_id,
+            items=items,
+            submitted_at=c.number(m["submitted_at"], "submitted_at", lo=0.0),
+            reply_topic=c.topic(m.get("reply_topic"), "reply_topic", limits),
+            priority=c.enum(m.get("priority", "online"), "priority", PRIORITIES),  # type: ignore[arg-type]
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        items = self.items
+        if isinstance(items, list | tuple):
+            items = [it.to_obj() if isinstance(it, QueryItem) else it for it in items]
+        return {
+            "v": c.VERSION,
+            "batch_id": self.batch_id,
+            "submitted_at": self.submitted_at,
+            "reply_topic": self.reply_topic,
+            "priority": self.priority,
+            "items": items,
+        }
+
+
+def encode_query_batch(batch: QueryBatch, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Validate with the decoder's rules, then serialise; never emits what decode rejects."""
+    if not isinstance(batch, QueryBatch):
+        raise SchemaError("$", "type", f"expected QueryBatch, got {type(batch).__name__}")
+    return c.dump_message(QueryBatch.from_obj(batch.to_obj(), limits).to_obj(), limits)
+
+
+@c.decoder
+def decode_query_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> QueryBatch:
+    """Size, then JSON/UTF-8, then version, then fields; raises only SchemaError."""
+    return QueryBatch.from_obj(c.load_message(data, limits), limits)

@@ -1,0 +1,356 @@
+"""Token batches: tokenizer output on the token topic, in a compact binary layout.
+
+Token ids are most of a TokenBatch, so they travel as little-endian arrays, never JSON lists::
+
+    b"QSTB" | u16 version (1) | u32 header length H | header: H bytes of JSON, space-padded
+    so the arrays start 4-byte aligned | seq_item u32[n_seq] | seq_doc i32[n_seq] |
+    offsets u32[n_seq+1] | truncated u8[n_seq] | zero padding to 4 bytes |
+    input_ids (u16 if every id < 65536, else u32)[n_ids] | token_type_ids u8[n_ids] if present
+
+The header holds batch_id, item_ids, tokenizer_id, max_length, submitted_at, reply_topic,
+priority, n_seq, n_ids, id_width (2 or 4) and has_type_ids. Sequence i is
+``input_ids[offsets[i]:offsets[i+1]]``; it belongs to item ``item_ids[seq_item[i]]`` and is the
+query alone (``seq_doc[i] == -1``) or the query paired with doc ``seq_doc[i]``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import _check as c
+from .errors import SchemaError
+from .limits import DEFAULT_LIMITS, Limits
+from .query import PRIORITIES, Priority
+
+MAGIC = b"QSTB"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+_U32_MAX = 2**32 - 1
+_HEADER_KEYS = (
+    "batch_id",
+    "item_ids",
+    "tokenizer_id",
+    "max_length",
+    "submitted_at",
+    "reply_topic",
+    "priority",
+    "n_seq",
+    "n_ids",
+    "id_width",
+    "has_type_ids",
+)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TokenBatch:
+    """Tokenized sequences of one QueryBatch (or part of it), ready for micro-batching."""
+
+    batch_id: str
+    item_ids: tuple[str, ...]
+    tokenizer_id: str  # which tokenizer made the ids; engines refuse a mismatch
+    max_length: int  # every sequence is at most this long (truncated to fit)
+    seq_item: np.ndarray  # uint32 [n_seq]: index into item_ids
+    seq_doc: np.ndarray  # int32 [n_seq]: -1 = the query alone, else the doc index
+    offsets: np.ndarray  # uint32 [n_seq + 1]: sequence boundaries in input_ids
+    input_ids: np.ndarray  # uint32 [n_ids], all sequences back to back
+    token_type_ids: np.ndarray | None  # uint8 [n_ids]; None = all zero (single sequences)
+    truncated: np.ndarray  # bool [n_seq]
+    submitted_at: float  # from the QueryBatch, so queue time spans the whole fleet
+    reply_topic: str | None = None
+    priority: Priority = "online"
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.seq_item)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count of every sequence (what the batcher sorts and pads by)."""
+        return np.diff(self.offsets.astype(np.int64))
+
+    def sequence(self, i: int) -> np.ndarray:
+        """The token ids of sequence `i`, as a view of `input_ids`."""
+        start, stop = self._bounds(i)
+        return self.input_ids[start:stop]
+
+    def sequence_type_ids(self, i: int) -> np.ndarray:
+        """The token type ids of sequence `i` (zeros when the batch carries none)."""
+        start, stop = self._bounds(i)
+        if self.token_type_ids is None:
+            return np.zeros(stop - start, dtype=np.uint8)
+        return self.token_type_ids[start:stop]
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        n = self.n_sequences
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences")
+        i %= n
+        return int(self.offsets[i]), int(self.offsets[i + 1])
+
+    def __eq__(self, other: object) -> bool:
+        # Arrays compare by value: a decoded batch equals the one that was encoded.
+        if not isinstance(other, TokenBatch):
+            return NotImplemented
+        return (
+            self.batch_id == other.batch_id
+            and tuple(self.item_ids) == tuple(other.item_ids)
+            and self.tokenizer_id == other.tokenizer_id
+            and self.max_length == other.max_length
+            and self.submitted_at == other.submitted_at
+            and self.reply_topic == other.reply_topic
+            and self.priority == other.priority
+            and all(_same(getattr(self, f), getattr(other, f)) for f in _ARRAY_FIELDS)
+        )
+
+
+_ARRAY_FIELDS = ("seq_item", "seq_doc", "offsets", "input_ids", "token_type_ids", "truncated")
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten per-sequence token ids into (offsets, input_ids) as TokenBatch wants them."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(offsets[-1]))
+    # Range-check before narrowing: a negative id must fail here, not wrap around.
+    if flat.size and (flat.min() < 0 or flat.max() > _U32_MAX):
+        raise ValueError("token ids must be in 0..2**32-1")
+    return offsets.astype(np.uint32), flat.astype(np.uint32)
+
+
+def _header(m: object, limits: Limits) -> dict[str, Any]:
+    """Validate the header's fields and counts (all before any array is read)."""
+    h = c.keys(m, "header", _HEADER_KEYS)
+    ids = c.array(h["item_ids"], "item_ids", limits.max_items, min_items=1)
+    item_ids = tuple(
+        c.text(x, f"item_ids[{i}]", limits.max_id_chars, blank_ok=True) for i, x in enumerate(ids)
+    )
+    c.unique(item_ids, "item_ids[{}]")
+    n_seq = _count(h["n_seq"], "n_seq", limits.max_sequences)
+    if n_seq == 0:
+        raise SchemaError("n_seq", "empty", "a token batch needs at least one sequence")
+    width = c.integer(h["id_width"], "id_width", 2, 4)
+    if width == 3:
+        raise SchemaError("id_width", "range", "expected 2 or 4, got 3")
+    return {
+        "batch_id": c.text(h["batch_id"], "batch_id", limits.max_id_chars, blank_ok=True),
+        "item_ids": item_ids,
+        "tokenizer_id": c.text(h["tokenizer_id"], "tokenizer_id", limits.max_id_chars),
+        "max_length": c.integer(h["max_length"], "max_length", 1, _U32_MAX),
+        "submitted_at": c.number(h["submitted_at"], "submitted_at", lo=0.0),
+        "reply_topic": c.topic(h["reply_topic"], "reply_topic", limits),
+        "priority": c.enum(h["priority"], "priority", PRIORITIES),
+        "n_seq": n_seq,
+        "n_ids": _count(h["n_ids"], "n_ids", limits.max_token_ids),
+        "id_width": width,
+        "has_type_ids": c.boolean(h["has_type_ids"], "has_type_ids"),
+    }
+
+
+def _count(value: object, field: str, limit: int) -> int:
+    n = c.integer(value, field, 0, _U32_MAX)
+    if n > limit:
+        raise SchemaError(field, "max_items", f"got {n}", limit=limit)
+    return n
+
+
+def _layout(header_end: int, n_seq: int, n_ids: int, width: int, typed: bool) -> list[int]:
+    """Byte offsets of each array (and the end), so encoder and decoder cannot disagree."""
+    seq_item = header_end
+    seq_doc = seq_item + 4 * n_seq
+    offsets = seq_doc + 4 * n_seq
+    truncated = offsets + 4 * (n_seq + 1)
+    pad = truncated + n_seq
+    ids = pad + (-pad) % 4
+    types = ids + width * n_ids
+    end = types + (n_ids if typed else 0)
+    return [seq_item, seq_doc, offsets, truncated, pad, ids, types, end]
+
+
+def _check_arrays(h: dict[str, Any], a: dict[str, np.ndarray], limits: Limits) -> None:
+    """Cross-checks shared by encode and decode; arrays already have the right lengths."""
+    offsets, seq_item, seq_doc = a["offsets"], a["seq_item"], a["seq_doc"]
+    if offsets[0] != 0:
+        raise SchemaError("offsets[0]", "range", f"expected 0, got {offsets[0]}")
+    lengths = np.diff(offsets.astype(np.int64))
+    _first(lengths < 0, "offsets[{}]", "monotone", "offsets go backwards", shift=1)
+    if offsets[-1] != h["n_ids"]:
+        raise SchemaError("offsets", "monotone", f"end at {offsets[-1]}, expected {h['n_ids']}")
+    _first(lengths == 0, "sequence[{}]", "empty")
+    _first(lengths > h["max_length"], "sequence[{}]", "max_length", limit=h["max_length"])
+    n_items = len(h["item_ids"])
+    _first(seq_item >= n_items, "seq_item[{}]", "range", f"expected < {n_items}")
+    _first(seq_doc < -1, "seq_doc[{}]", "range", "expected >= -1")
+    _first(
+        seq_doc >= limits.max_docs_per_item, "seq_doc[{}]", "range", limit=limits.max_docs_per_item
+    )
+    # One sequence per (item, doc): a duplicate would publish two scores for one pair.
+    keys = (seq_item.astype(np.int64) << 32) | (seq_doc.astype(np.int64) + 1)
+    if len(np.unique(keys)) != len(keys):
+        order = np.argsort(keys, kind="stable")
+        dup = order[1:][np.diff(keys[order]) == 0][0]
+        raise SchemaError(f"seq_doc[{dup}]", "duplicate", "two sequences for one (item, doc)")
+
+
+def _first(
+    bad: np.ndarray,
+    field: str,
+    rule: str,
+    detail: str = "",
+    *,
+    limit: int | None = None,
+    shift: int = 0,
+) -> None:
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0]) + shift
+        raise SchemaError(field.format(i), rule, detail, limit=limit)
+
+
+def _int_array(value: object, field: str, lo: int, hi: int, dtype: str) -> np.ndarray:
+    """Accept any integer array-like from the tokenizer; range-check before narrowing."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(field, "type", str(exc)) from None
+    integral = arr.dtype.kind in "iu" or (arr.dtype.kind == "b" and hi == 1)
+    if arr.ndim != 1 or not integral:
+        got = f"{arr.dtype}{arr.shape}"
+        raise SchemaError(field, "type", f"expected a 1-D integer array, got {got}")
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise SchemaError(field, "range", f"values outside {lo}..{hi}")
+    return arr.astype(dtype, copy=False)
+
+
+def _arrays_of(tb: TokenBatch) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    a = {
+        "seq_item": _int_array(tb.seq_item, "seq_item", 0, _U32_MAX, "<u4"),
+        "seq_doc": _int_array(tb.seq_doc, "seq_doc", -1, 2**31 - 1, "<i4"),
+        "offsets": _int_array(tb.offsets, "offsets", 0, _U32_MAX, "<u4"),
+        "truncated": _int_array(tb.truncated, "truncated", 0, 1, "u1"),
+        "input_ids": _int_array(tb.input_ids, "input_ids", 0, _U32_MAX, "<u4"),
+    }
+    types = tb.token_type_ids
+    if types is not None:
+        types = _int_array(types, "token_type_ids", 0, 255, "u1")
+    n_seq, n_ids = len(a["seq_item"]), len(a["input_ids"])
+    want = {"seq_doc": n_seq, "offsets": n_seq + 1, "truncated": n_seq}
+    for name, arr in (*((k, a[k]) for k in want), ("token_type_ids", types)):
+        expected = want.get(name, n_ids)
+        if arr is not None and len(arr) != expected:
+            raise SchemaError(name, "length", f"expected {expected} values, got {len(arr)}")
+    return a, types
+
+
+def _encode_parts(tb: TokenBatch, limits: Limits) -> list[bytes]:
+    if not isinstance(tb, TokenBatch):
+        raise SchemaError("$", "type", f"expected TokenBatch, got {type(tb).__name__}")
+    a, types = _arrays_of(tb)
+    ids = a["input_ids"]
+    width = 2 if not ids.size or int(ids.max()) < 2**16 else 4
+    h = _header(
+        {
+            "batch_id": tb.batch_id,
+            "item_ids": tb.item_ids,
+            "tokenizer_id": tb.tokenizer_id,
+            "max_length": tb.max_length,
+            "submitted_at": tb.submitted_at,
+            "reply_topic": tb.reply_topic,
+            "priority": tb.priority,
+            "n_seq": len(a["seq_item"]),
+            "n_ids": len(ids),
+            "id_width": width,
+            "has_type_ids": types is not None,
+        },
+        limits,
+    )
+    _check_arrays(h, a, limits)
+    header = orjson.dumps(h)
+    header += b" " * ((-(_PREFIX.size + len(header))) % 4)
+    parts = [_PREFIX.pack(MAGIC, VERSION, len(header)), header]
+    parts += [a[name].tobytes() for name in ("seq_item", "seq_doc", "offsets", "truncated")]
+    parts.append(b"\0" * ((-len(a["truncated"])) % 4))
+    parts.append(ids.astype("<u2" if width == 2 else "<u4", copy=False).tobytes())
+    if types is not None:
+        parts.append(types.tobytes())
+    return parts
+
+
+def encoded_size(tb: TokenBatch, limits: Limits = DEFAULT_LIMITS) -> int:
+    """Bytes `encode_token_batch` would produce, ignoring max_message_bytes: lets the tokenizer
+    split a batch before Kafka (or the decoder) refuses it."""
+    return sum(map(len, _encode_parts(tb, limits)))
+
+
+def encode_token_batch(tb: TokenBatch, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Validate with the decoder's rules, then pack; never emits what decode rejects."""
+    data = b"".join(_encode_parts(tb, limits))
+    if len(data) > limits.max_message_bytes:
+        raise SchemaError("$", "max_bytes", f"got {len(data)}", limit=limits.max_message_bytes)
+    return data
+
+
+@c.decoder
+def decode_token_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> TokenBatch:
+    """Check framing, header, exact length, then array contents; raises only SchemaError.
+
+    Arrays are read-only views of `data` (ids are widened to uint32 when sent as u16).
+    """
+    data = c.as_bytes(data, limits)
+    if len(data) < _PREFIX.size:
+        raise SchemaError("$", "length", f"truncated: {len(data)} bytes")
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise SchemaError("$", "magic", f"got {magic!r}")
+    if version != VERSION:
+        raise SchemaError("$", "version", f"got {version}")
+    header_end = _PREFIX.size + header_len
+    if header_end > len(data):
+        raise SchemaError("$", "length", f"header of {header_len} bytes in {len(data)}")
+    if header_end % 4:
+        raise SchemaError("header", "padding", "arrays must start 4-byte aligned")
+    h = _header(c.loads(data[_PREFIX.size : header_end], "header"), limits)
+    n_seq, n_ids, width = h["n_seq"], h["n_ids"], h["id_width"]
+    at = _layout(header_end, n_seq, n_ids, width, h["has_type_ids"])
+    if at[-1] != len(data):
+        raise SchemaError("$", "length", f"expected {at[-1]} bytes, got {len(data)}")
+    if any(data[at[4] : at[5]]):
+        raise SchemaError("$", "padding", "non-zero padding before input_ids")
+
+    def arr(dtype: str, start: int, count: int) -> np.ndarray:
+        return np.frombuffer(data, dtype=dtype, count=count, offset=start)
+
+    truncated = arr("u1", at[3], n_seq)
+    _first(truncated > 1, "truncated[{}]", "range", "expected 0 or 1")
+    ids = arr("<u2" if width == 2 else "<u4", at[5], n_ids).astype(np.uint32, copy=False)
+    ids.flags.writeable = False  # like the other views: a decoded batch is immutable
+    a = {
+        "seq_item": arr("<u4", at[0], n_seq),
+        "seq_doc": arr("<i4", at[1], n_seq),
+        "offsets": arr("<u4", at[2], n_seq + 1),
+        "truncated": truncated.view(np.bool_),
+        "input_ids": ids,
+    }
+    _check_arrays(h, a, limits)
+    return TokenBatch(
+        batch_id=h["batch_id"],
+        item_ids=h["item_ids"],
+        tokenizer_id=h["tokenizer_id"],
+        max_length=h["max_length"],
+        submitted_at=h["submitted_at"],
+        reply_topic=h["reply_topic"],
+        priority=h["priority"],
+        token_type_ids=arr("u1", at[6], n_ids) if h["has_type_ids"] else None,
+        **a,
+    )
