@@ -1,0 +1,168 @@
+"""Build an engine artifact from a model directory, once: later calls find it by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from engines.errors import ArtifactError, BuildError
+from engines.manifest import Manifest, hash_files, list_files, verify_artifact, write_manifest
+from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource
+
+BUILD_FORMAT = 1  # bump when export/optimise changes what an artifact contains
+PRECISIONS = ("fp32",)
+# FP32 ONNX Runtime vs PyTorch on the same weights: anything below this is a broken export.
+MIN_COSINE = 0.9999
+MAX_PROB_DIFF = 1e-4
+
+Progress = Callable[[str], None]
+
+
+def content_hash(source: ModelSource, precision: str, backend: str) -> str:
+    """Hash of everything that decides an engine's outputs: weights, tokenizer, options."""
+    digest = hashlib.sha256()
+    options = {
+        "build_format": BUILD_FORMAT, "precision": precision, "backend": backend,
+        "head": source.head, "max_length": source.max_length,
+        "positive_label": source.positive_label,
+    }
+    digest.update(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
+    for name in (*MODEL_FILES, *TOKENIZER_FILES):
+        path = source.path / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0")
+            with path.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_dir(root: Path, model_id: str, version: str) -> Path:
+    return root / model_id.replace("/", "--") / version
+
+
+def ensure_engine(
+    source: ModelSource,
+    root: Path,
+    *,
+    precision: str = "fp32",
+    rebuild: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Return the artifact for `source`, building it if no intact one exists."""
+    if precision not in PRECISIONS:
+        raise BuildError(f"precision {precision!r} not supported yet; choose {PRECISIONS}")
+    full = content_hash(source, precision, "onnxruntime")
+    target = artifact_dir(root, source.model_id, full[:12])
+    if target.exists() and not rebuild:
+        try:
+            verify_artifact(target)
+            return target
+        except ArtifactError as exc:
+            (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
+    return _build(source, root, target, full, precision, progress or _quiet)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precision: str,
+           say: Progress) -> Path:
+    import onnx
+    import onnxruntime
+
+    from engines.export import export_onnx, optimize_onnx
+    from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
+
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: a crash leaves a temp dir, never a half artifact.
+    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    try:
+        (work / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, work / "tokenizer" / name)
+        say(f"exporting {source.model_id} ({source.head} head) to ONNX")
+        raw = work.parent / f"{work.name}.raw.onnx"
+        try:
+            module = export_onnx(source, raw)
+            say("optimising the graph (fused attention, LayerNorm, GELU)")
+            fused = optimize_onnx(source, raw, work / "model.onnx")
+        finally:
+            raw.unlink(missing_ok=True)
+        tokenizer = QueryTokenizer(work / "tokenizer" / "tokenizer.json", source.max_length,
+                                   pairs=source.head == "classifier")
+        manifest = Manifest(
+            model_id=source.model_id, version=full_hash[:12], content_hash=full_hash,
+            precision=precision, backend="onnxruntime", head=source.head,
+            max_length=source.max_length, output_dim=0,
+            tokenizer_id=tokenizer_id_of(work / "tokenizer" / "tokenizer.json"),
+            files=hash_files(work, list_files(work)), created_at=time.time(),
+            num_labels=source.num_labels, positive_label=source.positive_label,
+            build={"fused_ops": fused, "onnx": onnx.__version__,
+                   "onnxruntime": onnxruntime.__version__, "opset": 17},
+        )
+        write_manifest(work, manifest)
+        say("checking the engine against PyTorch")
+        accuracy, output_dim = _check_accuracy(source, module, tokenizer, work)
+        manifest = Manifest(**{**_fields(manifest), "accuracy": accuracy,
+                               "output_dim": output_dim})
+        manifest.build["seconds"] = round(time.perf_counter() - started, 2)
+        write_manifest(work, manifest)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def _fields(manifest: Manifest) -> dict[str, object]:
+    return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
+
+
+def _check_accuracy(source: ModelSource, module: object, tokenizer: object,
+                    artifact: Path) -> tuple[dict[str, float], int]:
+    from engines.export import CHECK_TEXTS, pytorch_outputs
+    from engines.onnx_runtime import OnnxRuntimeEngine
+    from schemas import QueryItem
+    from workers.batching import pad_sequences
+
+    items = [QueryItem(id=str(i), query=CHECK_TEXTS[i], docs=(CHECK_TEXTS[-1 - i],))
+             for i in range(len(CHECK_TEXTS) // 2)]
+    enc = tokenizer.encode(items)  # type: ignore[attr-defined]
+    seqs = [enc.input_ids[enc.offsets[i]:enc.offsets[i + 1]] for i in range(len(enc.seq_item))]
+    types = None
+    if enc.token_type_ids is not None:
+        types = [enc.token_type_ids[enc.offsets[i]:enc.offsets[i + 1]] for i in range(len(seqs))]
+    batch = pad_sequences(seqs, types)
+    feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "token_type_ids": batch.token_type_ids}
+    ref = pytorch_outputs(module, feed)
+    got = OnnxRuntimeEngine(artifact, verify=False).run(batch)
+    if source.head == "similarity":
+        cos = np.sum(ref * got, axis=1) / (
+            np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        report = {"reference": "pytorch-fp32", "sequences": len(seqs),
+                  "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+        if report["min_cosine"] < MIN_COSINE:
+            raise BuildError(f"exported engine disagrees with PyTorch: min cosine "
+                             f"{report['min_cosine']:.6f} < {MIN_COSINE}")
+        return report, int(got.shape[1])
+    diff = float(np.abs(ref - got).max())
+    report = {"reference": "pytorch-fp32", "sequences": len(seqs), "max_abs_prob_diff": diff}
+    if diff > MAX_PROB_DIFF:
+        raise BuildError(f"exported engine disagrees with PyTorch: max probability "
+                         f"difference {diff:.2e} > {MAX_PROB_DIFF}")
+    return report, 1

@@ -1,0 +1,23 @@
+"""Picks the runtime for an artifact from its manifest (vLLM's Executor.get_class, in small)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.errors import BackendUnavailable
+from engines.manifest import read_manifest
+from engines.protocol import Engine
+
+
+def load_engine(path: Path, *, threads: int | None = None, verify: bool = True) -> Engine:
+    manifest = read_manifest(Path(path))
+    if manifest.backend == "onnxruntime":
+        try:
+            from engines.onnx_runtime import OnnxRuntimeEngine
+        except ImportError as exc:
+            raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime"
+                                     ) from exc
+        return OnnxRuntimeEngine(Path(path), threads=threads, verify=verify)
+    raise BackendUnavailable(
+        f"{path}: backend {manifest.backend!r} is not available in this qscore build"
+    )

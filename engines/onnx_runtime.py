@@ -1,0 +1,66 @@
+"""ONNX Runtime engine: the CPU backend, FP32 (and later INT8) artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engines.errors import ArtifactError, EngineError
+from engines.export import INPUT_NAMES
+from engines.manifest import Manifest, read_manifest, verify_artifact
+from workers.batching import PaddedBatch, pad_sequences
+
+BACKEND = "onnxruntime"
+
+
+class OnnxRuntimeEngine:
+    """One ONNX Runtime session over a verified artifact."""
+
+    def __init__(self, path: Path, *, threads: int | None = None, verify: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest.backend != BACKEND:
+            raise ArtifactError(self.path, f"backend {manifest.backend!r} cannot be loaded by "
+                                           f"the {BACKEND} runtime")
+        if verify:
+            verify_artifact(self.path, manifest)
+        self.manifest: Manifest = manifest
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path / manifest.model_file), sess_options=options,
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as exc:  # ORT raises its own types for bad graphs
+            raise ArtifactError(self.path, f"ONNX Runtime cannot load the model: {exc}") from exc
+        names = {i.name for i in self._session.get_inputs()}
+        self._inputs = tuple(n for n in INPUT_NAMES if n in names)
+
+    def run(self, batch: PaddedBatch) -> np.ndarray:
+        feed = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "token_type_ids": batch.token_type_ids,
+        }
+        try:
+            (out,) = self._session.run(None, {n: feed[n] for n in self._inputs})
+        except Exception as exc:
+            raise EngineError(f"inference failed on a {batch.size}x{batch.length} batch: "
+                              f"{exc}") from exc
+        return np.asarray(out, dtype=np.float32)
+
+    def health(self) -> None:
+        out = self.run(pad_sequences([np.array([101, 102], dtype=np.int64)]))
+        if not np.all(np.isfinite(out)):
+            raise EngineError(f"{self.path}: health check produced non-finite outputs")
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]

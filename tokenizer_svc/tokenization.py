@@ -1,0 +1,126 @@
+"""Query and (query, doc) tokenization with a Hugging Face fast tokenizer.
+
+The output is a TokenBatch: one sequence per query (and per doc for the similarity head, or per
+(query, doc) pair for the classifier head), unpadded; padding happens later, per micro-batch,
+to the longest sequence after sorting by length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from schemas import Priority, QueryItem, TokenBatch
+
+
+class TokenizerError(Exception):
+    """The tokenizer files are missing or do not match what an engine was built with."""
+
+
+def tokenizer_id_of(tokenizer_json: Path) -> str:
+    """Content identity of a tokenizer: engines and TokenBatches must agree on it."""
+    return "sha256:" + hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """Sequences of one tokenizer call, flattened the way a TokenBatch stores them."""
+
+    seq_item: np.ndarray
+    seq_doc: np.ndarray
+    offsets: np.ndarray
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    truncated: np.ndarray
+
+
+class QueryTokenizer:
+    """Turns query items into unpadded token sequences for one head and max length."""
+
+    def __init__(self, tokenizer_json: Path, max_length: int, *, pairs: bool) -> None:
+        if not tokenizer_json.is_file():
+            raise TokenizerError(f"{tokenizer_json}: tokenizer file not found")
+        if max_length < 2:
+            raise TokenizerError(f"max_length must be >= 2, got {max_length}")
+        self.tokenizer_id = tokenizer_id_of(tokenizer_json)
+        self.max_length = max_length
+        self.pairs = pairs  # classifier head: (query, doc) pairs; similarity: separate texts
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        # tokenizer.json files often carry their own padding/truncation; ours must win.
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length)
+
+    def encode(self, items: Sequence[QueryItem]) -> Encoded:
+        seq_item: list[int] = []
+        seq_doc: list[int] = []
+        inputs: list[str | tuple[str, str]] = []
+        for index, item in enumerate(items):
+            docs = item.docs or ()
+            if self.pairs and docs:
+                inputs.extend((item.query, doc) for doc in docs)
+                seq_item.extend([index] * len(docs))
+                seq_doc.extend(range(len(docs)))
+                continue
+            inputs.append(item.query)
+            seq_item.append(index)
+            seq_doc.append(-1)
+            if not self.pairs:
+                inputs.extend(docs)
+                seq_item.extend([index] * len(docs))
+                seq_doc.extend(range(len(docs)))
+        encodings: list[Encoding] = self._tok.encode_batch(inputs, add_special_tokens=True)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.uint32,
+                              count=len(encodings))
+        offsets = np.zeros(len(encodings) + 1, dtype=np.uint32)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        input_ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
+                                dtype=np.uint32, count=total)
+        type_ids = None
+        if self.pairs:
+            type_ids = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings),
+                                   dtype=np.uint8, count=total)
+        # With truncation on, the tokenizer keeps what it cut in `overflowing`: counting those
+        # tells us exactly which inputs lost tokens without encoding twice.
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool,
+                                count=len(encodings))
+        return Encoded(
+            seq_item=np.asarray(seq_item, dtype=np.uint32),
+            seq_doc=np.asarray(seq_doc, dtype=np.int32),
+            offsets=offsets,
+            input_ids=input_ids,
+            token_type_ids=type_ids,
+            truncated=truncated,
+        )
+
+    def token_batch(
+        self,
+        batch_id: str,
+        items: Sequence[QueryItem],
+        *,
+        submitted_at: float,
+        reply_topic: str | None = None,
+        priority: Priority = "online",
+    ) -> TokenBatch:
+        enc = self.encode(items)
+        return TokenBatch(
+            batch_id=batch_id,
+            item_ids=tuple(item.id for item in items),
+            tokenizer_id=self.tokenizer_id,
+            max_length=self.max_length,
+            seq_item=enc.seq_item,
+            seq_doc=enc.seq_doc,
+            offsets=enc.offsets,
+            input_ids=enc.input_ids,
+            token_type_ids=enc.token_type_ids,
+            truncated=enc.truncated,
+            submitted_at=submitted_at,
+            reply_topic=reply_topic,
+            priority=priority,
+        )
