@@ -1,0 +1,46 @@
+"""Typed settings, built once at the edge (CLI flags / QSCORE_* env vars) and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engines.manifest import Head
+from schemas import DEFAULT_LIMITS, Limits
+from workers.scoring import BatchLimits
+
+
+def default_home() -> Path:
+    """Where built engines are cached: $QSCORE_HOME, else ~/.cache/qscore."""
+    if home := os.environ.get("QSCORE_HOME"):
+        return Path(home)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qscore"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    model: str = "default"  # "default" (all-MiniLM-L6-v2) or a Hugging Face model directory
+    engine_dir: Path = field(default_factory=lambda: default_home() / "engines")
+    artifact: Path | None = None  # load this artifact instead of building from `model`
+    head: Head | None = None  # None: from the model's config
+    max_length: int | None = None  # None: from the model's config
+    precision: str = "fp32"
+    threads: int | None = None  # engine intra-op threads; None: all cores
+    rebuild: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RescoreSettings:
+    input: Path
+    output: Path
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    limits: Limits = DEFAULT_LIMITS
+    chunk_items: int = 512  # items tokenized together; the next chunk tokenizes during scoring
+    fmt: str = "auto"
+    progress: bool = True
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.output.with_name(self.output.name + ".rejected.jsonl")

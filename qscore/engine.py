@@ -1,0 +1,31 @@
+"""Opening the engine a command should use: build or find the artifact, load it, and the
+tokenizer that matches it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engines.build import ensure_engine
+from engines.errors import ArtifactError
+from engines.loader import load_engine
+from engines.protocol import Engine
+from engines.source import resolve_model
+from qscore.config import EngineSettings
+from tokenizer_svc.tokenization import QueryTokenizer
+
+
+def open_engine(settings: EngineSettings,
+                progress: Callable[[str], None] | None = None) -> tuple[Engine, QueryTokenizer]:
+    path = settings.artifact
+    if path is None:
+        source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
+        path = ensure_engine(source, settings.engine_dir, precision=settings.precision,
+                             rebuild=settings.rebuild, progress=progress)
+    engine = load_engine(path, threads=settings.threads)
+    manifest = engine.manifest
+    tokenizer = QueryTokenizer(path / "tokenizer" / "tokenizer.json", manifest.max_length,
+                               pairs=manifest.head == "classifier")
+    if tokenizer.tokenizer_id != manifest.tokenizer_id:
+        raise ArtifactError(path, f"tokenizer {tokenizer.tokenizer_id} differs from the one "
+                                  f"the engine was built with ({manifest.tokenizer_id})")
+    return engine, tokenizer

@@ -1,0 +1,164 @@
+"""Offline re-scoring in process: the embedded default, no broker needed.
+
+It runs the fleet's own components (QueryTokenizer -> TokenBatch -> length-sorted,
+token-budgeted micro-batches -> Engine -> per-item scores) over a query log, keeps input order,
+and sends every malformed line to OUTPUT.rejected.jsonl with its line number and reason.
+Tokenizing chunk n+1 overlaps scoring chunk n (both release the GIL), as TEI prefetches one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO
+
+import numpy as np
+import orjson
+
+from engines.protocol import Engine
+from qscore.config import RescoreSettings
+from qscore.querylog import LogRecord, iter_query_log
+from schemas import QueryItem, TokenBatch
+from tokenizer_svc.tokenization import QueryTokenizer
+from workers.scoring import run_token_batch
+
+OnProgress = Callable[[int], None]  # called with the number of input lines just finished
+
+
+@dataclass(slots=True)
+class RescoreSummary:
+    items: int = 0
+    rejected: int = 0
+    sequences: int = 0
+    truncated_sequences: int = 0
+    truncated_items: int = 0
+    batches: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    seconds: float = 0.0
+    batch_ms: list[float] = field(default_factory=list, repr=False)
+    output: str = ""
+    rejected_path: str = ""
+    model_id: str = ""
+    model_version: str = ""
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    def batch_percentile(self, q: float) -> float:
+        return float(np.percentile(self.batch_ms, q)) if self.batch_ms else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "items": self.items, "rejected": self.rejected, "sequences": self.sequences,
+            "truncated_sequences": self.truncated_sequences,
+            "truncated_items": self.truncated_items, "batches": self.batches,
+            "padding_overhead": round(self.padded_tokens / self.real_tokens - 1, 4)
+            if self.real_tokens else 0.0,
+            "seconds": round(self.seconds, 3), "items_per_s": round(self.items_per_s, 1),
+            "p50_batch_ms": round(self.batch_percentile(50), 2),
+            "p99_batch_ms": round(self.batch_percentile(99), 2),
+            "model_id": self.model_id, "model_version": self.model_version,
+            "output": self.output, "rejected_file": self.rejected_path,
+        }
+
+
+@dataclass(slots=True)
+class _Chunk:
+    records: list[LogRecord]
+    token_batch: TokenBatch | None
+
+
+def _chunks(records: Iterator[LogRecord], size: int) -> Iterator[list[LogRecord]]:
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
+
+
+def _tokenize(tokenizer: QueryTokenizer, records: list[LogRecord], number: int) -> _Chunk:
+    items: list[QueryItem] = [r.item for r in records if r.item is not None]
+    tb = None
+    if items:
+        tb = tokenizer.token_batch(f"rescore-{number}", items, submitted_at=time.time(),
+                                   priority="offline")
+    return _Chunk(records=records, token_batch=tb)
+
+
+def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer,
+            on_progress: OnProgress | None = None) -> RescoreSummary:
+    """Score every good line of settings.input into settings.output (JSONL, input order)."""
+    manifest = engine.manifest
+    summary = RescoreSummary(output=str(settings.output),
+                             rejected_path=str(settings.rejected_path),
+                             model_id=manifest.model_id, model_version=manifest.version)
+    out_tmp = settings.output.with_name(settings.output.name + ".partial")
+    rej_tmp = settings.rejected_path.with_name(settings.rejected_path.name + ".partial")
+    settings.output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    records = iter_query_log(settings.input, settings.limits, fmt=settings.fmt)  # type: ignore[arg-type]
+    prev_line = 0
+    with (out_tmp.open("wb") as out, rej_tmp.open("wb") as rej,
+          ThreadPoolExecutor(1, thread_name_prefix="qscore-tokenize") as pool):
+        chunks = enumerate(_chunks(records, settings.chunk_items))
+        pending: Future[_Chunk] | None = None
+        for number, chunk in chunks:
+            ready = pool.submit(_tokenize, tokenizer, chunk, number)
+            if pending is not None:
+                prev_line = _finish(pending.result(), engine, settings, summary, out, rej,
+                                    prev_line, on_progress)
+            pending = ready
+        if pending is not None:
+            _finish(pending.result(), engine, settings, summary, out, rej, prev_line,
+                    on_progress)
+    summary.seconds = time.perf_counter() - started
+    # Readers never see a half-written output: it appears whole, or the old one stays.
+    os.replace(out_tmp, settings.output)
+    os.replace(rej_tmp, settings.rejected_path)
+    return summary
+
+
+def _finish(chunk: _Chunk, engine: Engine, settings: RescoreSettings, summary: RescoreSummary,
+            out: IO[bytes], rej: IO[bytes], prev_line: int,
+            on_progress: OnProgress | None) -> int:
+    scored = iter(())
+    tb = chunk.token_batch
+    truncated_by_item: np.ndarray | None = None
+    if tb is not None:
+        result = run_token_batch(engine, tb, settings.batch)
+        scored = iter(result.items)
+        summary.batch_ms.extend(result.batch_ms)
+        summary.batches += len(result.batch_ms)
+        summary.padded_tokens += result.padded_tokens
+        summary.real_tokens += result.real_tokens
+        summary.sequences += tb.n_sequences
+        summary.truncated_sequences += int(tb.truncated.sum())
+        truncated_by_item = np.bincount(tb.seq_item[tb.truncated],
+                                         minlength=len(tb.item_ids))
+        summary.truncated_items += int(np.count_nonzero(truncated_by_item))
+    index = 0
+    for record in chunk.records:
+        if record.item is None:
+            summary.rejected += 1
+            rej.write(orjson.dumps({
+                "line": record.line, "reason": record.error,
+                "raw": record.raw.decode("utf-8", errors="replace").rstrip("\r\n"),
+            }) + b"\n")
+            continue
+        score = next(scored)
+        line = {"id": score.id, "line": record.line, "scores": score.scores,
+                "model_id": summary.model_id, "model_version": score.model_version}
+        if truncated_by_item is not None and truncated_by_item[index]:
+            line["truncated"] = True
+        if score.embedding is not None:
+            line["embedding"] = score.embedding
+        out.write(orjson.dumps(line) + b"\n")
+        summary.items += 1
+        index += 1
+    last_line = chunk.records[-1].line if chunk.records else prev_line
+    if on_progress is not None:
+        on_progress(last_line - prev_line)
+    return last_line
