@@ -57,12 +57,13 @@ def hf_batched(model, tokenizer, queries, batch, max_length):  # type: ignore[no
 
 def qscore_engine(engine, tokenizer, queries, batch):  # type: ignore[no-untyped-def]
     """qscore: fast tokenizer -> TokenBatch -> length-sorted micro-batches -> ORT engine."""
+    from qscore.config import DEFAULT_CHUNK_ITEMS
     from schemas import QueryItem
     from workers.scoring import BatchLimits, run_token_batch
 
-    limits = BatchLimits(max_batch=batch, token_budget=batch * 64)
+    limits = BatchLimits(max_batch=batch, token_budget=BatchLimits().token_budget)
     outs, times = [], []
-    chunk = 512
+    chunk = DEFAULT_CHUNK_ITEMS  # the window `qscore rescore` sorts by length
     for i in range(0, len(queries), chunk):
         items = [QueryItem(id=str(j), query=q) for j, q in enumerate(queries[i:i + chunk])]
         tb = tokenizer.token_batch("bench", items, submitted_at=0.0)

@@ -40,9 +40,11 @@ def _load_torch_model(source: ModelSource) -> Any:
     try:
         import torch
         from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise BuildError("building an engine needs torch and transformers: "
                          "pip install 'qscore[build]' torch") from exc
+    hf_logging.disable_progress_bar()  # a build reports its own progress
     cls = AutoModelForSequenceClassification if source.head == "classifier" else AutoModel
     # Eager attention exports to the MatMul/Softmax pattern ONNX Runtime fuses into Attention.
     model = cls.from_pretrained(str(source.path), attn_implementation="eager")

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engines.errors import EngineError
-from qscore.config import EngineSettings, RescoreSettings, default_home
+from qscore.config import DEFAULT_CHUNK_ITEMS, EngineSettings, RescoreSettings, default_home
 from qscore.logs import configure_logging
 from schemas import Limits
 from workers.scoring import BatchLimits
@@ -92,7 +92,7 @@ def rescore(
     token_budget: Annotated[int, typer.Option(envvar="QSCORE_TOKEN_BUDGET", min=1, help=(
         "Max padded tokens (count x longest) per engine call."))] = _BATCH.token_budget,
     chunk_items: Annotated[int, typer.Option(envvar="QSCORE_CHUNK_ITEMS", min=1, help=(
-        "Items tokenized together."))] = 512,
+        "Items tokenized and length-sorted together."))] = DEFAULT_CHUNK_ITEMS,
     max_query_chars: Annotated[int, typer.Option(envvar="QSCORE_MAX_QUERY_CHARS", min=1)]
     = _DEFAULT.max_query_chars,
     max_doc_chars: Annotated[int, typer.Option(envvar="QSCORE_MAX_DOC_CHARS", min=1)]

@@ -18,6 +18,9 @@ def default_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qscore"
 
 
+DEFAULT_CHUNK_ITEMS = 2048
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     model: str = "default"  # "default" (all-MiniLM-L6-v2) or a Hugging Face model directory
@@ -37,7 +40,9 @@ class RescoreSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     batch: BatchLimits = field(default_factory=BatchLimits)
     limits: Limits = DEFAULT_LIMITS
-    chunk_items: int = 512  # items tokenized together; the next chunk tokenizes during scoring
+    # Items tokenized and length-sorted together: a wider window pads less (the long tail of
+    # each window shares a batch); the next window tokenizes while this one is scored.
+    chunk_items: int = DEFAULT_CHUNK_ITEMS
     fmt: str = "auto"
     progress: bool = True
 

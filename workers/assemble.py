@@ -33,11 +33,12 @@ def item_scores(tb: TokenBatch, outputs: np.ndarray, *, head: str,
         embedding: tuple[float, ...] | None = None
         if head == "similarity":
             query = outputs[query_row[item]]
-            scores = tuple(float(x) for x in outputs[[s for _, s in docs]] @ query) if docs else ()
+            # tolist() converts in C; a per-float Python loop costs more than inference here.
+            scores = tuple((outputs[[s for _, s in docs]] @ query).tolist()) if docs else ()
             if not docs:
-                embedding = tuple(float(x) for x in query)
+                embedding = tuple(query.tolist())
         elif docs:
-            scores = tuple(float(outputs[s]) for _, s in docs)
+            scores = tuple(outputs[[s for _, s in docs]].tolist())
         else:
             scores = (float(outputs[query_row[item]]),)
         results.append(ItemScore(id=item_id, scores=scores, cached=False,
