@@ -136,8 +136,10 @@ def rescore(
 
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} lines/s" if speed else "-- lines/s", style="cyan")
+        elapsed = task.finished_time or task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-- lines/s", style="cyan")
+        return Text(f"{task.completed / elapsed:,.0f} lines/s", style="cyan")
 
 
 def _progress_bar(enabled: bool) -> Progress:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import structlog
+
 from engines.build import ensure_engine
 from engines.errors import ArtifactError
 from engines.loader import load_engine
@@ -12,6 +14,8 @@ from engines.protocol import Engine
 from engines.source import resolve_model
 from qscore.config import EngineSettings
 from tokenizer_svc.tokenization import QueryTokenizer
+
+log = structlog.get_logger(__name__)
 
 
 def open_engine(settings: EngineSettings,
@@ -28,4 +32,7 @@ def open_engine(settings: EngineSettings,
     if tokenizer.tokenizer_id != manifest.tokenizer_id:
         raise ArtifactError(path, f"tokenizer {tokenizer.tokenizer_id} differs from the one "
                                   f"the engine was built with ({manifest.tokenizer_id})")
+    log.info("engine.ready", model_id=manifest.model_id, version=manifest.version,
+             backend=manifest.backend, precision=manifest.precision, head=manifest.head,
+             path=str(path))
     return engine, tokenizer

@@ -18,6 +18,7 @@ from typing import IO
 
 import numpy as np
 import orjson
+import structlog
 
 from engines.protocol import Engine
 from qscore.config import RescoreSettings
@@ -26,6 +27,7 @@ from schemas import QueryItem, TokenBatch
 from tokenizer_svc.tokenization import QueryTokenizer
 from workers.scoring import run_token_batch
 
+log = structlog.get_logger(__name__)
 OnProgress = Callable[[int], None]  # called with the number of input lines just finished
 
 
@@ -118,6 +120,7 @@ def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer
     # Readers never see a half-written output: it appears whole, or the old one stays.
     os.replace(out_tmp, settings.output)
     os.replace(rej_tmp, settings.rejected_path)
+    log.info("rescore.finished", input=str(settings.input), **summary.as_dict())
     return summary
 
 
@@ -127,8 +130,22 @@ def _finish(chunk: _Chunk, engine: Engine, settings: RescoreSettings, summary: R
     scored = iter(())
     tb = chunk.token_batch
     truncated_by_item: np.ndarray | None = None
+    last_line = chunk.records[-1].line if chunk.records else prev_line
+    span = last_line - prev_line
+    reported = done = 0
     if tb is not None:
-        result = run_token_batch(engine, tb, settings.batch)
+        n_sequences = tb.n_sequences
+
+        def advance(finished: int) -> None:
+            # A window takes seconds: move the bar per engine call, in proportion.
+            nonlocal reported, done
+            done += finished
+            now = span * done // n_sequences
+            if on_progress is not None and now > reported:
+                on_progress(now - reported)
+                reported = now
+
+        result = run_token_batch(engine, tb, settings.batch, on_batch=advance)
         scored = iter(result.items)
         summary.batch_ms.extend(result.batch_ms)
         summary.batches += len(result.batch_ms)
@@ -158,7 +175,6 @@ def _finish(chunk: _Chunk, engine: Engine, settings: RescoreSettings, summary: R
         out.write(orjson.dumps(line) + b"\n")
         summary.items += 1
         index += 1
-    last_line = chunk.records[-1].line if chunk.records else prev_line
-    if on_progress is not None:
-        on_progress(last_line - prev_line)
+    if on_progress is not None and span > reported:
+        on_progress(span - reported)
     return last_line

@@ -22,6 +22,15 @@ from qscore.localservices import EMBEDDED_BROKER_CONSUMER_OPTIONS, EmbeddedBroke
 # Engine fixtures build real engines lazily, once per session, only for tests that use them.
 pytest_plugins = ["tests.engine_fixtures"]
 
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
+    """Async tests run on uvloop where it is installed, as the services do (qscore.aio.run)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return {"uvloop": uvloop.new_event_loop}
+
 CreateTopic = Callable[..., Awaitable[str]]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,8 +32,12 @@ class ScoredBatch:
     real_tokens: int = 0
 
 
-def run_token_batch(engine: Engine, tb: TokenBatch, limits: BatchLimits) -> ScoredBatch:
-    """Blocking: call from a worker thread, never from the event loop."""
+def run_token_batch(engine: Engine, tb: TokenBatch, limits: BatchLimits,
+                    on_batch: Callable[[int], None] | None = None) -> ScoredBatch:
+    """Blocking: call from a worker thread, never from the event loop.
+
+    `on_batch` gets the number of sequences each engine call finished (for progress).
+    """
     manifest = engine.manifest
     lengths = np.diff(tb.offsets.astype(np.int64))
     outputs: np.ndarray | None = None
@@ -52,6 +57,8 @@ def run_token_batch(engine: Engine, tb: TokenBatch, limits: BatchLimits) -> Scor
         if outputs is None:
             outputs = np.empty((tb.n_sequences, *out.shape[1:]), dtype=np.float32)
         outputs[rows] = out
+        if on_batch is not None:
+            on_batch(len(rows))
     if outputs is None:
         outputs = np.empty((0, max(manifest.output_dim, 1)), dtype=np.float32)
     result.items = item_scores(tb, outputs, head=manifest.head, model_version=manifest.version)

@@ -146,3 +146,8 @@ async def test_redis_kill_then_restart(redis_server: RedisServer) -> None:
         assert await client.get("k") is None
     finally:
         await client.aclose()
+
+
+async def test_async_tests_run_on_uvloop_when_installed() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

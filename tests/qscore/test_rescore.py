@@ -118,3 +118,22 @@ def test_engine_verify_catches_a_flipped_byte(default_engine_path: Path,
     bad = CliRunner().invoke(app, ["engine", "verify", str(art)])
     assert bad.exit_code == 2
     assert "vocab.txt: checksum mismatch" in bad.output
+
+
+def test_progress_moves_per_engine_call_and_ends_at_the_last_line(
+        default_engine_path: Path, tmp_path: Path) -> None:
+    from qscore.config import EngineSettings, RescoreSettings
+    from qscore.engine import open_engine
+    from qscore.rescore import rescore
+    from workers.scoring import BatchLimits
+
+    log, bad, good = _log(tmp_path, n_good=120)
+    settings = RescoreSettings(input=log, output=tmp_path / "o.jsonl",
+                               engine=EngineSettings(artifact=default_engine_path),
+                               batch=BatchLimits(max_batch=8), chunk_items=50)
+    engine, tokenizer = open_engine(settings.engine)
+    steps: list[int] = []
+    summary = rescore(settings, engine, tokenizer, on_progress=steps.append)
+    assert sum(steps) == len(good) + len(bad)  # every line, once
+    assert len(steps) > 3 and all(s > 0 for s in steps)  # several steps per window
+    assert summary.items == len(good) and summary.batches == len(summary.batch_ms)
