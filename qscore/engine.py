@@ -4,12 +4,14 @@ tokenizer that matches it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
 from engines.build import ensure_engine
 from engines.errors import ArtifactError
 from engines.loader import load_engine
+from engines.manifest import Manifest
 from engines.protocol import Engine
 from engines.source import resolve_model
 from qscore.config import EngineSettings
@@ -18,20 +20,32 @@ from tokenizer_svc.tokenization import QueryTokenizer
 log = structlog.get_logger(__name__)
 
 
-def open_engine(settings: EngineSettings,
-                progress: Callable[[str], None] | None = None) -> tuple[Engine, QueryTokenizer]:
-    path = settings.artifact
-    if path is None:
-        source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
-        path = ensure_engine(source, settings.engine_dir, precision=settings.precision,
-                             rebuild=settings.rebuild, progress=progress)
-    engine = load_engine(path, threads=settings.threads)
-    manifest = engine.manifest
+def find_artifact(settings: EngineSettings,
+                  progress: Callable[[str], None] | None = None) -> Path:
+    """The artifact directory `settings` names, building it first if needed."""
+    if settings.artifact is not None:
+        return settings.artifact
+    source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
+    return ensure_engine(source, settings.engine_dir, precision=settings.precision,
+                         rebuild=settings.rebuild, progress=progress)
+
+
+def artifact_tokenizer(path: Path, manifest: Manifest) -> QueryTokenizer:
+    """The tokenizer an artifact was built with; refuses one whose files changed since."""
     tokenizer = QueryTokenizer(path / "tokenizer" / "tokenizer.json", manifest.max_length,
                                pairs=manifest.head == "classifier")
     if tokenizer.tokenizer_id != manifest.tokenizer_id:
         raise ArtifactError(path, f"tokenizer {tokenizer.tokenizer_id} differs from the one "
                                   f"the engine was built with ({manifest.tokenizer_id})")
+    return tokenizer
+
+
+def open_engine(settings: EngineSettings,
+                progress: Callable[[str], None] | None = None) -> tuple[Engine, QueryTokenizer]:
+    path = find_artifact(settings, progress)
+    engine = load_engine(path, threads=settings.threads)
+    manifest = engine.manifest
+    tokenizer = artifact_tokenizer(path, manifest)
     log.info("engine.ready", model_id=manifest.model_id, version=manifest.version,
              backend=manifest.backend, precision=manifest.precision, head=manifest.head,
              path=str(path))

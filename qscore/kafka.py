@@ -1,0 +1,156 @@
+"""Kafka plumbing shared by every service and client: settings, topics, client factories.
+
+aiokafka notes that shape these defaults:
+- acks="all" and no idempotence: the embedded broker (tansu) refuses idempotent producers, and
+  at-least-once delivery with deterministic, id-carrying scores makes duplicates harmless.
+- Consumers never auto-commit: services commit offsets only after what they produced for them
+  is acknowledged (see qscore.offsets).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names. Online and offline traffic use separate topics so that an offline backlog
+    never sits in front of online messages in a partition."""
+
+    queries: str = "qscore.queries"
+    queries_offline: str = "qscore.queries.offline"
+    tokens: str = "qscore.tokens"
+    tokens_offline: str = "qscore.tokens.offline"
+    scores: str = "qscore.scores"
+    dead_letter: str = "qscore.dead-letter"
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        """All names under another prefix (e.g. per test or per environment)."""
+        base = cls()
+        return cls(**{f: getattr(base, f).replace("qscore", prefix, 1)
+                      for f in cls.__dataclass_fields__})
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "qscore"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    request_timeout_ms: int = 30_000
+    # Group timing: Kafka's defaults; the embedded broker wants much shorter (qscore up sets it).
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    max_message_bytes: int = 1_048_576
+    linger_ms: int = 2
+
+    def __post_init__(self) -> None:
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}, "
+                             f"not {self.security_protocol!r}")
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ValueError(f"{self.security_protocol} needs sasl_mechanism in "
+                                 f"{SASL_MECHANISMS}, not {self.sasl_mechanism!r}")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError(f"{self.security_protocol} needs a SASL username and password")
+        if not self.bootstrap_servers.strip():
+            raise ValueError("bootstrap_servers is empty")
+
+    def with_fast_groups(self) -> KafkaSettings:
+        """Short group timings, for the embedded broker (it holds joins for ~half a session)."""
+        return replace(self, session_timeout_ms=1000, heartbeat_interval_ms=250)
+
+
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection and security arguments common to producers, consumers and admin clients."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+        "request_timeout_ms": settings.request_timeout_ms,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile,
+            keyfile=settings.ssl_keyfile)
+        context.check_hostname = settings.ssl_check_hostname
+        kwargs["ssl_context"] = context
+    if settings.security_protocol.startswith("SASL"):
+        kwargs.update(sasl_mechanism=settings.sasl_mechanism,
+                      sasl_plain_username=settings.sasl_username,
+                      sasl_plain_password=settings.sasl_password)
+    return kwargs
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    kwargs = client_kwargs(settings) | {
+        "acks": "all",
+        "enable_idempotence": False,
+        "linger_ms": settings.linger_ms,
+        "max_request_size": settings.max_message_bytes + 65_536,
+    }
+    return AIOKafkaProducer(**(kwargs | overrides))
+
+
+def make_consumer(settings: KafkaSettings, *topics: str, group_id: str | None,
+                  **overrides: Any) -> AIOKafkaConsumer:
+    kwargs = client_kwargs(settings) | {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "fetch_max_bytes": max(52_428_800, settings.max_message_bytes * 4),
+        "max_partition_fetch_bytes": settings.max_message_bytes + 65_536,
+    }
+    return AIOKafkaConsumer(*topics, **(kwargs | overrides))
+
+
+async def ensure_topics(settings: KafkaSettings, names: tuple[str, ...] | list[str], *,
+                        partitions: int = 4, replication: int = 1) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        if not wanted:
+            return []
+        try:
+            response = await admin.create_topics(
+                [NewTopic(n, num_partitions=partitions, replication_factor=replication)
+                 for n in wanted])
+        except TopicAlreadyExistsError:
+            return []
+        created = []
+        for topic, code, *_ in response.topic_errors:
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise RuntimeError(f"creating topic {topic!r} failed with Kafka error {code}")
+            if code == 0:
+                created.append(topic)
+        return created
+    finally:
+        await admin.close()

@@ -1,0 +1,228 @@
+"""The consume -> work -> produce -> commit skeleton every fleet service runs on.
+
+A `RecordPipeline` owns the consumer, the offset bookkeeping, backpressure, dead letters,
+rebalances and shutdown, so that a service only says what to do with one record: its handler
+returns once everything the record produced is acknowledged by the broker, or raises, and then
+the record becomes a DeadLetter. Either way the record is finished, and only finished offsets
+are ever committed (at-least-once; a poison message never stalls its partition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from qscore.kafka import KafkaSettings, make_consumer, make_producer
+from qscore.offsets import OffsetTracker
+from schemas import DeadLetter, Limits, SourceRef, Stage, encode_dead_letter
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[ConsumerRecord], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    group_id: str
+    max_in_flight: int = 256  # records being worked on; fetching pauses beyond this
+    commit_interval_s: float = 0.5
+    revoke_grace_s: float = 5.0  # how long a revoked partition's in-flight work may finish
+    poll_timeout_ms: int = 100
+    fetch_max_records: int = 500
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    records: int = 0
+    finished: int = 0
+    dead_letters: int = 0
+    commits: int = 0
+    pauses: int = 0
+    rebalances: int = 0
+
+
+class RecordPipeline:
+    """Runs `handler` for every record of `topics`, committing only finished offsets."""
+
+    def __init__(self, kafka: KafkaSettings, topics: Sequence[str], settings: PipelineSettings,
+                 *, stage: Stage, dead_letter_topic: str, limits: Limits,
+                 name: str = "pipeline") -> None:
+        self.kafka = kafka
+        self.topics = tuple(topics)
+        self.settings = settings
+        self.stage: Stage = stage
+        self.dead_letter_topic = dead_letter_topic
+        self.limits = limits
+        self.name = name
+        self.stats = PipelineStats()
+        self.tracker = OffsetTracker()
+        self.producer: AIOKafkaProducer = make_producer(kafka, client_id=f"{kafka.client_id}-"
+                                                        f"{name}")
+        self.consumer: AIOKafkaConsumer = make_consumer(kafka, group_id=settings.group_id,
+                                                        client_id=f"{kafka.client_id}-{name}")
+        self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()  # set whenever nothing is in flight
+        self._idle.set()
+        self._last_record = time.monotonic()
+        self._paused = False
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.producer.start()
+        try:
+            self.consumer.subscribe(list(self.topics), listener=_Listener(self))
+            await self.consumer.start()
+        except BaseException:
+            await self.producer.stop()
+            raise
+        self._started = True
+
+    def request_stop(self) -> None:
+        """Stop fetching; `run` then drains in-flight work, commits and returns."""
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        try:
+            await self._drain()
+            await self._commit()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            await self.producer.stop()
+
+    # -- main loop -------------------------------------------------------------------------
+    async def run(self, handler: Handler, *, idle_exit_s: float | None = None) -> None:
+        """Consume until `request_stop()`, or (burst mode) until nothing arrived for
+        `idle_exit_s` and nothing is in flight: a whole run is then one awaitable."""
+        commit_task = asyncio.create_task(self._commit_loop(), name=f"{self.name}-commits")
+        try:
+            while not self._stopping.is_set():
+                if idle_exit_s is not None and self._idle.is_set() and (
+                        time.monotonic() - self._last_record >= idle_exit_s):
+                    break
+                await self._fetch_once(handler)
+        finally:
+            commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await commit_task
+            await self._drain()
+            await self._commit()
+
+    async def _fetch_once(self, handler: Handler) -> None:
+        batches = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
+                                              max_records=self.settings.fetch_max_records)
+        for tp, records in batches.items():
+            for record in records:
+                self._last_record = time.monotonic()
+                await self._acquire_slot()
+                self.stats.records += 1
+                self.tracker.start(tp, record.offset)
+                self._idle.clear()
+                task = asyncio.create_task(self._process(handler, tp, record))
+                self._tasks[task] = tp
+
+    async def _acquire_slot(self) -> None:
+        # Backpressure: when max_in_flight records are being worked on, stop fetching (pause,
+        # so the consumer's buffers stop filling too) until a slot frees up.
+        if self._slots.locked() and not self._paused:
+            self.consumer.pause(*self.consumer.assignment())
+            self._paused = True
+            self.stats.pauses += 1
+        await self._slots.acquire()
+        if self._paused:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+
+    async def _process(self, handler: Handler, tp: TopicPartition,
+                       record: ConsumerRecord) -> None:
+        try:
+            try:
+                await handler(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of one record: dead-letter it, move on
+                await self.dead_letter(record, exc)
+            self.tracker.finish(tp, record.offset)
+            self.stats.finished += 1
+        finally:
+            self._slots.release()
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if not self._tasks:
+                self._idle.set()
+
+    async def dead_letter(self, record: ConsumerRecord, exc: BaseException,
+                          stage: Stage | None = None) -> None:
+        """Publish a DeadLetter for `record` and wait for the broker's ack."""
+        letter = DeadLetter.from_error(
+            stage or self.stage, exc if isinstance(exc, Exception) else RuntimeError(str(exc)),
+            record.value or b"",
+            SourceRef(topic=record.topic, partition=record.partition, offset=record.offset),
+            limits=self.limits)
+        self.stats.dead_letters += 1
+        log.warning("dead_letter", service=self.name, topic=record.topic,
+                    partition=record.partition, offset=record.offset, reason=letter.reason)
+        await self.producer.send_and_wait(self.dead_letter_topic,
+                                          encode_dead_letter(letter, self.limits),
+                                          key=record.key)
+
+    # -- commits, drain, rebalance ---------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_s)
+            await self._commit()
+
+    async def _commit(self, only: set[TopicPartition] | None = None) -> None:
+        positions = self.tracker.committable()
+        assigned = self.consumer.assignment()
+        positions = {tp: pos for tp, pos in positions.items()
+                     if tp in assigned and (only is None or tp in only)}
+        if not positions:
+            return
+        try:
+            await self.consumer.commit(positions)
+        except Exception as exc:  # a rebalance in progress: the next commit will catch up
+            log.warning("commit_failed", service=self.name, error=str(exc))
+            return
+        self.tracker.mark_committed(positions)
+        self.stats.commits += 1
+
+    async def _drain(self, tps: set[TopicPartition] | None = None,
+                     grace_s: float | None = None) -> None:
+        tasks = [t for t, tp in self._tasks.items() if tps is None or tp in tps]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.stats.rebalances += 1
+        # Let work already running for these partitions finish, so its offsets can be
+        # committed now; whatever is still running after the grace period is abandoned to
+        # the partition's next owner (redelivered, never committed past).
+        await self._drain(revoked, grace_s=self.settings.revoke_grace_s)
+        await self._commit(only=revoked)
+        self.tracker.forget(revoked)
+        log.info("partitions_revoked", service=self.name, partitions=len(revoked),
+                 still_running=sum(1 for tp in self._tasks.values() if tp in revoked))
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, pipeline: RecordPipeline) -> None:
+        self.pipeline = pipeline
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.pipeline.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions_assigned", service=self.pipeline.name, partitions=len(assigned))

@@ -1,0 +1,103 @@
+"""MicroBatcher: batch size follows queue depth, budget and priority (pure asyncio logic)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from schemas import TokenBatch
+from workers.microbatcher import BatcherSettings, MicroBatcher
+
+
+def _tb(lengths: list[int], batch_id: str = "b") -> TokenBatch:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.uint32)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenBatch(
+        batch_id=batch_id, item_ids=tuple(f"i{k}" for k in range(len(lengths))),
+        tokenizer_id="t", max_length=512, seq_item=np.arange(len(lengths), dtype=np.uint32),
+        seq_doc=np.full(len(lengths), -1, dtype=np.int32), offsets=offsets,
+        input_ids=np.ones(int(offsets[-1]), dtype=np.uint32), token_type_ids=None,
+        truncated=np.zeros(len(lengths), dtype=bool), submitted_at=0.0)
+
+
+async def test_idle_request_runs_alone_after_max_wait() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=32, max_wait_ms=5))
+    await batcher.submit(_tb([7]))
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.size == 1 and batcher.depth() == 0
+
+
+async def test_deep_queue_gives_full_batches_without_waiting() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=16, max_wait_ms=10_000))
+    await batcher.submit(_tb([5] * 40))
+    sizes = [(await asyncio.wait_for(batcher.next_batch(), 1)).size for _ in range(2)]
+    assert sizes == [16, 16] and batcher.depth() == 8
+
+
+async def test_shallow_queue_waits_for_company_then_takes_it() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=4, max_wait_ms=10_000))
+    await batcher.submit(_tb([5]))
+    pending = asyncio.create_task(batcher.next_batch())
+    await asyncio.sleep(0)  # let it start waiting: the arrival below is what releases it
+    assert not pending.done()
+    await batcher.submit(_tb([5, 5, 5], "c"))
+    batch = await asyncio.wait_for(pending, 1)
+    assert batch.size == 4
+
+
+async def test_token_budget_and_length_grouping_keep_the_oldest() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=8, token_budget=100, max_wait_ms=0))
+    await batcher.submit(_tb([50] + [10] * 6 + [48] * 3))
+    first = await batcher.next_batch()
+    assert first.refs[0].job.tb.batch_id == "b"
+    lengths = sorted(r.length for r in first.refs)
+    assert 0 in [r.index for r in first.refs]  # the oldest sequence is always served
+    assert len(lengths) * max(lengths) <= 100
+    assert lengths == [48, 50]  # grouped with similar lengths, not the short ones
+    second = await batcher.next_batch()
+    assert sorted(r.length for r in second.refs) == [10] * 6
+
+
+async def test_online_before_offline() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=4, max_wait_ms=0))
+    await batcher.submit(_tb([5] * 4, "off"), "offline")
+    await batcher.submit(_tb([5] * 2, "on"), "online")
+    first = await batcher.next_batch()
+    assert first.priority == "online" and {r.job.tb.batch_id for r in first.refs} == {"on"}
+    second = await batcher.next_batch()
+    assert second.priority == "offline" and second.size == 4
+
+
+async def test_outputs_reassemble_per_token_batch() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=3, max_wait_ms=0))
+    fa = await batcher.submit(_tb([4, 9], "a"))
+    fb = await batcher.submit(_tb([4, 4, 9], "b"))
+    while not (fa.done() and fb.done()):
+        batch = await batcher.next_batch()
+        # Fake engine: output row = (index, length) of each sequence.
+        batcher.complete(batch, np.array([[r.index, r.length] for r in batch.refs], float))
+    assert fa.result().tolist() == [[0, 4], [1, 9]]
+    assert fb.result().tolist() == [[0, 4], [1, 4], [2, 9]]
+
+
+async def test_engine_failure_fails_every_job_in_the_batch() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=8, max_wait_ms=0))
+    fa = await batcher.submit(_tb([4], "a"))
+    fb = await batcher.submit(_tb([4], "b"))
+    batcher.fail(await batcher.next_batch(), RuntimeError("engine gone"))
+    for fut in (fa, fb):
+        with pytest.raises(RuntimeError, match="engine gone"):
+            fut.result()
+
+
+async def test_full_queue_makes_submit_wait_until_a_batch_is_taken() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=4, capacity=4, max_wait_ms=0))
+    await batcher.submit(_tb([5] * 4, "a"))
+    blocked = asyncio.create_task(batcher.submit(_tb([5] * 2, "b")))
+    await asyncio.sleep(0)
+    assert not blocked.done()  # backpressure: no room
+    await batcher.next_batch()
+    await asyncio.wait_for(blocked, 1)
+    assert batcher.depth() == 2
