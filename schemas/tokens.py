@@ -5,12 +5,16 @@ Token ids are most of a TokenBatch, so they travel as little-endian arrays, neve
     b"QSTB" | u16 version (1) | u32 header length H | header: H bytes of JSON, space-padded
     so the arrays start 4-byte aligned | seq_item u32[n_seq] | seq_doc i32[n_seq] |
     offsets u32[n_seq+1] | truncated u8[n_seq] | zero padding to 4 bytes |
-    input_ids (u16 if every id < 65536, else u32)[n_ids] | token_type_ids u8[n_ids] if present
+    input_ids (u16 if every id < 65536, else u32)[n_ids] | token_type_ids u8[n_ids] if present |
+    if has_keys: zero padding to 4 bytes | cache_keys u8[n_seq * 16]
 
 The header holds batch_id, item_ids, tokenizer_id, max_length, submitted_at, reply_topic,
-priority, n_seq, n_ids, id_width (2 or 4) and has_type_ids. Sequence i is
+priority, n_seq, n_ids, id_width (2 or 4), has_type_ids and has_keys. Sequence i is
 ``input_ids[offsets[i]:offsets[i+1]]``; it belongs to item ``item_ids[seq_item[i]]`` and is the
 query alone (``seq_doc[i] == -1``) or the query paired with doc ``seq_doc[i]``.
+``cache_keys[i]`` is the 16-byte result-cache digest of sequence i (qscore.cache.key_digest):
+the worker sees only token ids, so the tokenizer ships the keys it looked up for it to write
+results through under.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ _HEADER_KEYS = (
     "n_ids",
     "id_width",
     "has_type_ids",
+    "has_keys",
 )
+KEY_BYTES = 16  # one cache-key digest per sequence
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,6 +70,7 @@ class TokenBatch:
     submitted_at: float  # from the QueryBatch, so queue time spans the whole fleet
     reply_topic: str | None = None
     priority: Priority = "online"
+    cache_keys: np.ndarray | None = None  # uint8 [n_seq, 16]; None = no write-through
 
     @property
     def n_sequences(self) -> int:
@@ -109,7 +116,9 @@ class TokenBatch:
         )
 
 
-_ARRAY_FIELDS = ("seq_item", "seq_doc", "offsets", "input_ids", "token_type_ids", "truncated")
+_ARRAY_FIELDS = (
+    "seq_item", "seq_doc", "offsets", "input_ids", "token_type_ids", "truncated", "cache_keys",
+)
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -156,6 +165,7 @@ def _header(m: object, limits: Limits) -> dict[str, Any]:
         "n_ids": _count(h["n_ids"], "n_ids", limits.max_token_ids),
         "id_width": width,
         "has_type_ids": c.boolean(h["has_type_ids"], "has_type_ids"),
+        "has_keys": c.boolean(h["has_keys"], "has_keys"),
     }
 
 
@@ -166,17 +176,21 @@ def _count(value: object, field: str, limit: int) -> int:
     return n
 
 
-def _layout(header_end: int, n_seq: int, n_ids: int, width: int, typed: bool) -> list[int]:
-    """Byte offsets of each array (and the end), so encoder and decoder cannot disagree."""
+def _layout(h: dict[str, Any], header_end: int) -> list[int]:
+    """Byte offsets of each array (and the end), so encoder and decoder cannot disagree:
+    seq_item, seq_doc, offsets, truncated, pad, ids, types, pad2, keys, end."""
+    n_seq, n_ids = h["n_seq"], h["n_ids"]
     seq_item = header_end
     seq_doc = seq_item + 4 * n_seq
     offsets = seq_doc + 4 * n_seq
     truncated = offsets + 4 * (n_seq + 1)
     pad = truncated + n_seq
     ids = pad + (-pad) % 4
-    types = ids + width * n_ids
-    end = types + (n_ids if typed else 0)
-    return [seq_item, seq_doc, offsets, truncated, pad, ids, types, end]
+    types = ids + h["id_width"] * n_ids
+    pad2 = types + (n_ids if h["has_type_ids"] else 0)
+    keys = pad2 + (-pad2) % 4 if h["has_keys"] else pad2  # no padding without keys
+    end = keys + (KEY_BYTES * n_seq if h["has_keys"] else 0)
+    return [seq_item, seq_doc, offsets, truncated, pad, ids, types, pad2, keys, end]
 
 
 def _check_arrays(h: dict[str, Any], a: dict[str, np.ndarray], limits: Limits) -> None:
@@ -233,6 +247,22 @@ def _int_array(value: object, field: str, lo: int, hi: int, dtype: str) -> np.nd
     return arr.astype(dtype, copy=False)
 
 
+def _keys_array(value: object, n_seq: int) -> np.ndarray:
+    """cache_keys must be n_seq digests of KEY_BYTES bytes each."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError("cache_keys", "type", str(exc)) from None
+    if arr.ndim != 2 or arr.shape[1] != KEY_BYTES or arr.dtype.kind not in "iu":
+        got = f"{arr.dtype}{arr.shape}"
+        raise SchemaError("cache_keys", "type", f"expected uint8 [n, {KEY_BYTES}], got {got}")
+    if len(arr) != n_seq:
+        raise SchemaError("cache_keys", "length", f"expected {n_seq} keys, got {len(arr)}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+        raise SchemaError("cache_keys", "range", "values outside 0..255")
+    return arr.astype("u1", copy=False)
+
+
 def _arrays_of(tb: TokenBatch) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     a = {
         "seq_item": _int_array(tb.seq_item, "seq_item", 0, _U32_MAX, "<u4"),
@@ -257,6 +287,7 @@ def _encode_parts(tb: TokenBatch, limits: Limits) -> list[bytes]:
     if not isinstance(tb, TokenBatch):
         raise SchemaError("$", "type", f"expected TokenBatch, got {type(tb).__name__}")
     a, types = _arrays_of(tb)
+    keys = None if tb.cache_keys is None else _keys_array(tb.cache_keys, len(a["seq_item"]))
     ids = a["input_ids"]
     width = 2 if not ids.size or int(ids.max()) < 2**16 else 4
     h = _header(
@@ -272,6 +303,7 @@ def _encode_parts(tb: TokenBatch, limits: Limits) -> list[bytes]:
             "n_ids": len(ids),
             "id_width": width,
             "has_type_ids": types is not None,
+            "has_keys": keys is not None,
         },
         limits,
     )
@@ -284,6 +316,10 @@ def _encode_parts(tb: TokenBatch, limits: Limits) -> list[bytes]:
     parts.append(ids.astype("<u2" if width == 2 else "<u4", copy=False).tobytes())
     if types is not None:
         parts.append(types.tobytes())
+    if keys is not None:
+        written = len(ids) * width + (len(ids) if types is not None else 0)
+        parts.append(b"\0" * ((-written) % 4))  # ids start 4-aligned: pad what followed
+        parts.append(keys.tobytes())
     return parts
 
 
@@ -322,11 +358,13 @@ def decode_token_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> TokenBat
         raise SchemaError("header", "padding", "arrays must start 4-byte aligned")
     h = _header(c.loads(data[_PREFIX.size : header_end], "header"), limits)
     n_seq, n_ids, width = h["n_seq"], h["n_ids"], h["id_width"]
-    at = _layout(header_end, n_seq, n_ids, width, h["has_type_ids"])
+    at = _layout(h, header_end)
     if at[-1] != len(data):
         raise SchemaError("$", "length", f"expected {at[-1]} bytes, got {len(data)}")
     if any(data[at[4] : at[5]]):
         raise SchemaError("$", "padding", "non-zero padding before input_ids")
+    if any(data[at[7] : at[8]]):
+        raise SchemaError("$", "padding", "non-zero padding before cache_keys")
 
     def arr(dtype: str, start: int, count: int) -> np.ndarray:
         return np.frombuffer(data, dtype=dtype, count=count, offset=start)
@@ -352,5 +390,7 @@ def decode_token_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> TokenBat
         reply_topic=h["reply_topic"],
         priority=h["priority"],
         token_type_ids=arr("u1", at[6], n_ids) if h["has_type_ids"] else None,
+        cache_keys=arr("u1", at[8], KEY_BYTES * n_seq).reshape(n_seq, KEY_BYTES)
+        if h["has_keys"] else None,
         **a,
     )

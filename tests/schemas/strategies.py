@@ -129,4 +129,12 @@ def token_batches(draw: st.DrawFn) -> TokenBatch:
         submitted_at=draw(times),
         reply_topic=draw(st.none() | topics),
         priority=draw(st.sampled_from(PRIORITIES)),
+        cache_keys=draw(st.none() | cache_keys(len(pairs))),
+    )
+
+
+def cache_keys(n_seq: int) -> st.SearchStrategy[np.ndarray]:
+    """n_seq 16-byte cache-key digests, as uint8 [n_seq, 16]."""
+    return st.binary(min_size=16 * n_seq, max_size=16 * n_seq).map(
+        lambda b: np.frombuffer(b, dtype=np.uint8).reshape(n_seq, 16).copy()
     )

@@ -67,6 +67,9 @@ def test_token_batch_round_trips(tb: TokenBatch) -> None:
     assert back.seq_item.dtype == np.uint32 and back.seq_doc.dtype == np.int32
     assert back.truncated.dtype == np.bool_
     assert back.token_type_ids is None or back.token_type_ids.dtype == np.uint8
+    assert back.cache_keys is None or (
+        back.cache_keys.dtype == np.uint8 and back.cache_keys.shape == (back.n_sequences, 16)
+    )
     for i in range(back.n_sequences):
         np.testing.assert_array_equal(back.sequence(i), tb.sequence(i))
     np.testing.assert_array_equal(back.lengths, np.diff(tb.offsets.astype(np.int64)))

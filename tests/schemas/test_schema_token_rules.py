@@ -90,6 +90,7 @@ def test_layout() -> None:
         "n_ids": 8,
         "id_width": 2,
         "has_type_ids": False,
+        "has_keys": False,
     }
     # seq_item, seq_doc, offsets, truncated, padding to 4, ids as u16
     assert len(data) == start + 4 * 2 + 4 * 2 + 4 * 3 + 2 + 2 + 2 * 8
@@ -112,6 +113,45 @@ def test_type_ids_travel_when_present() -> None:
     assert make().sequence_type_ids(0).tolist() == [0, 0, 0]
     # None and explicit zeros are different wire forms, so not equal.
     assert make() != make(token_type_ids=np.zeros(8, dtype=np.uint8))
+
+
+KEYS = np.arange(32, dtype=np.uint8).reshape(2, 16)
+ODD = [[101, 7592, 102], [101, 2460, 102, 102]]  # 7 u16 ids: arrays end 2 bytes short
+
+
+def test_cache_keys_travel_aligned_after_the_other_arrays() -> None:
+    tb = make(ODD, cache_keys=KEYS)
+    data = encode_token_batch(tb)
+    assert split(data)[0]["has_keys"] is True
+    plain = encode_token_batch(make(ODD))
+    # The same arrays as without keys (ending 2 bytes past a 4-byte boundary), 2 zero bytes
+    # of padding, then n_seq * 16 bytes of keys.
+    arrays_end = len(data) - 2 - 32
+    assert (arrays_end - split(data)[1]) % 4 == 2
+    assert data[split(data)[1] : arrays_end] == plain[split(plain)[1] :]
+    assert data[-34:-32] == b"\0\0" and data[-32:] == KEYS.tobytes()
+    back = decode_token_batch(data)
+    assert back == tb and back.cache_keys is not None
+    assert back.cache_keys.shape == (2, 16) and not back.cache_keys.flags.writeable
+    assert bytes(back.cache_keys[1]) == bytes(range(16, 32))
+    assert tb != make(ODD) and tb != make(ODD, cache_keys=KEYS[::-1])
+    # Aligned already (8 u16 ids): no padding at all.
+    assert len(encode_token_batch(make(cache_keys=KEYS))) == len(encode_token_batch(make())) + 32
+    typed = make(ODD, token_type_ids=np.ones(7, dtype=np.uint8), cache_keys=KEYS)
+    assert decode_token_batch(encode_token_batch(typed)) == typed
+
+
+def test_cache_key_rules() -> None:
+    data = encode_token_batch(make(ODD, cache_keys=KEYS))
+    rejects(data[:-1], "$", "length")  # truncated keys array
+    rejects(data[:-16], "$", "length")  # one key short
+    rejects(data + bytes(16), "$", "length")  # one key too many
+    rejects(with_header(encode_token_batch(make(ODD)), has_keys=True), "$", "length")
+    rejects(with_header(data, has_keys=False), "$", "length")
+    rejects(with_header(data, has_keys=1), "has_keys", "type")
+    bad = bytearray(data)
+    bad[-33] = 1  # the padding before the keys must be zero, like that before input_ids
+    rejects(bytes(bad), "$", "padding")
 
 
 def test_sequence_is_a_view_and_bounds_checked() -> None:
@@ -223,6 +263,11 @@ def test_encode_validates_arrays() -> None:
         (make(tokenizer_id=""), "tokenizer_id", "empty"),
         (make(max_length=0), "max_length", "range"),
         (make([]), "n_seq", "empty"),
+        (make(cache_keys=KEYS[:1]), "cache_keys", "length"),
+        (make(cache_keys=np.zeros((2, 8), dtype=np.uint8)), "cache_keys", "type"),
+        (make(cache_keys=np.zeros(32, dtype=np.uint8)), "cache_keys", "type"),
+        (make(cache_keys=np.full((2, 16), 256)), "cache_keys", "range"),
+        (make(cache_keys=np.zeros((2, 16))), "cache_keys", "type"),
     ]
     for tb, field, rule in cases:
         with pytest.raises(SchemaError) as info:

@@ -1,0 +1,269 @@
+"""Result cache: scores keyed by (model version, query, doc), in process and in Redis.
+
+The tokenizer looks every sequence up before tokenizing; the scoring worker sees only token
+ids, so it writes results through under the digests the tokenizer shipped in the TokenBatch
+(`TokenBatch.cache_keys`). The cache is an accelerator, never a dependency: a failing or slow
+Redis costs a counted error, one warning per outage and `retry_after_s` of skipping Redis (a
+circuit breaker); callers only ever see misses, never an exception or a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = structlog.get_logger(__name__)
+
+DIGEST_BYTES = 16  # as TokenBatch.cache_keys carries them
+_LEN = struct.Struct("<I")
+_SCHEMES = ("redis", "rediss", "unix")
+T = TypeVar("T")
+
+
+def key_digest(model_version: str, query: str, doc: str | None) -> bytes:
+    """16-byte digest of one sequence's cache key; the model version is part of it."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"qscore-cache-v1")
+    # Length prefixes keep ("ab", "c") apart from ("a", "bc"); the flag byte keeps "no doc"
+    # (the query alone) apart from an empty doc.
+    h.update(_part(model_version) + _part(query))
+    h.update(b"\0" if doc is None else b"\1" + _part(doc))
+    return h.digest()
+
+
+def _part(text: str) -> bytes:
+    raw = text.encode()
+    return _LEN.pack(len(raw)) + raw
+
+
+def redis_key(prefix: str, model_version: str, digest: bytes) -> bytes:
+    """b"<prefix>:<version>:<hex digest>": the version stays readable for ops (SCAN, UNLINK)."""
+    return f"{prefix}:{model_version}:{digest.hex()}".encode()
+
+
+def encode_floats(values: Iterable[float] | np.ndarray) -> bytes:
+    """A cached value: float32 little-endian, the scores (or embedding) of one sequence."""
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def decode_floats(data: bytes) -> np.ndarray:
+    """The float32 array `encode_floats` wrote (a read-only view of `data`)."""
+    if len(data) % 4:
+        raise ValueError(f"cached value of {len(data)} bytes is not a float32 array")
+    return np.frombuffer(data, dtype="<f4")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """Where and how long results are cached."""
+
+    # redis://[:password@]host:port/db, rediss:// for TLS, unix://; None: in-process only.
+    redis_url: str | None = None
+    ttl_s: int = 86_400  # Redis expiry of every entry
+    local_entries: int = 100_000  # in-process LRU bound; 0 disables it
+    key_prefix: str = "qscore"
+    op_timeout_s: float = 0.25  # bound on one Redis round trip, connecting included
+    retry_after_s: float = 1.0  # how long Redis is skipped after a failure
+    ssl_ca_certs: str | None = None  # CA bundle for rediss:// (default: the system's)
+
+    def __post_init__(self) -> None:
+        scheme = None if self.redis_url is None else urlsplit(self.redis_url).scheme
+        if scheme is not None and scheme not in _SCHEMES:
+            raise ValueError(f"redis_url must be redis://, rediss:// or unix://, got {scheme!r}")
+        if self.ssl_ca_certs is not None and scheme != "rediss":
+            raise ValueError("ssl_ca_certs needs a rediss:// (TLS) redis_url")
+        _check_int("ttl_s", self.ttl_s, 1)  # Redis SET EX takes whole seconds
+        _check_int("local_entries", self.local_entries, 0)
+        if not self.key_prefix or any(ch.isspace() for ch in self.key_prefix):
+            raise ValueError(f"key_prefix must be non-empty without spaces: {self.key_prefix!r}")
+        if not (math.isfinite(self.op_timeout_s) and self.op_timeout_s > 0):
+            raise ValueError(f"op_timeout_s must be > 0, got {self.op_timeout_s!r}")
+        if not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s!r}")
+
+
+def _check_int(name: str, value: object, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters; hits + misses is the number of digests looked up."""
+
+    hits_local: int = 0
+    hits_redis: int = 0
+    misses: int = 0
+    writes: int = 0  # entries put (in the LRU, and in Redis unless skipped or failed)
+    bypasses: int = 0  # Redis round trips skipped because Redis was down
+    errors: int = 0  # Redis round trips that failed or timed out
+
+    @property
+    def hits(self) -> int:
+        return self.hits_local + self.hits_redis
+
+
+class ResultCache:
+    """In-process LRU in front of Redis; one round trip per call for whatever the LRU lacks."""
+
+    def __init__(self, settings: CacheSettings, model_version: str) -> None:
+        if not model_version:
+            raise ValueError("model_version must be non-empty: cache keys include it")
+        self.settings = settings
+        self.model_version = model_version
+        self.stats = CacheStats()
+        self._local: OrderedDict[bytes, bytes] = OrderedDict()
+        self._redis: Redis | None = None
+        self._started = False
+        self._down_until = 0.0  # time.monotonic() before which Redis is skipped
+        self._outage = False  # warned about a failure, no success since
+        self._where = _safe_url(settings.redis_url)
+
+    @property
+    def redis_available(self) -> bool:
+        """Redis is configured, started and its last round trip succeeded."""
+        return self._redis is not None and not self._outage
+
+    async def start(self) -> Self:
+        """Connect to Redis if configured. Redis being down is logged, never raised."""
+        s = self.settings
+        if s.redis_url is not None and self._redis is None:
+            tls: dict[str, Any] = {"ssl_ca_certs": s.ssl_ca_certs} if s.ssl_ca_certs else {}
+            self._redis = Redis.from_url(
+                s.redis_url,
+                socket_timeout=s.op_timeout_s,
+                socket_connect_timeout=s.op_timeout_s,
+                retry=Retry(NoBackoff(), 0),  # retries would stretch a failure past the timeout
+                **tls,
+            )
+            await self._call(lambda r: r.ping())
+        self._started = True
+        return self
+
+    async def close(self) -> None:
+        self._started = False
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def get_many(self, digests: Sequence[bytes]) -> list[bytes | None]:
+        """The cached value of each digest, or None: the LRU first, then one MGET."""
+        self._check_started()
+        found = [self._local_get(_digest(d)) for d in digests]
+        self.stats.hits_local += sum(v is not None for v in found)
+        missing = list(dict.fromkeys(d for d, v in zip(digests, found, strict=True) if v is None))
+        if missing and self._redis is not None:
+            keys = [self._key(d) for d in missing]
+            values = await self._call(lambda r: r.mget(keys))
+            fetched = {d: v for d, v in zip(missing, values or (), strict=False) if v is not None}
+            for d, v in fetched.items():
+                self._local_put(d, v)
+            for i, d in enumerate(digests):
+                if found[i] is None and d in fetched:
+                    found[i] = fetched[d]
+                    self.stats.hits_redis += 1
+        self.stats.misses += sum(v is None for v in found)
+        return found
+
+    async def put_many(self, entries: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store values in the LRU and, in one pipelined round trip, in Redis with the TTL."""
+        self._check_started()
+        for d, v in entries:
+            self._local_put(_digest(d), v)
+        self.stats.writes += len(entries)
+        if not entries or self._redis is None:
+            return
+
+        async def write(r: Redis) -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for d, v in entries:
+                    pipe.set(self._key(d), v, ex=self.settings.ttl_s)
+                return await pipe.execute()
+
+        await self._call(write)
+
+    async def _call(self, op: Callable[[Redis], Awaitable[T]]) -> T | None:
+        """One Redis round trip behind the breaker: None when skipped or failed."""
+        redis = self._redis
+        if redis is None:
+            return None
+        if time.monotonic() < self._down_until:
+            self.stats.bypasses += 1
+            return None
+        try:
+            # Bounds connecting too: a server that accepts but never answers cannot hang us.
+            async with asyncio.timeout(self.settings.op_timeout_s):
+                result = await op(redis)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return None
+        if self._outage:
+            self._outage = False
+            log.info("cache.redis_back", redis=self._where)
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.errors += 1
+        self._down_until = time.monotonic() + self.settings.retry_after_s
+        if not self._outage:  # one warning an outage, not one a call
+            self._outage = True
+            log.warning(
+                "cache.redis_down", redis=self._where,
+                error=f"{type(exc).__name__}: {exc}", retry_after_s=self.settings.retry_after_s,
+                hint="results are served uncached until Redis answers again",
+            )
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("ResultCache is not started: use `async with` or await start()")
+
+    def _key(self, digest: bytes) -> bytes:
+        return redis_key(self.settings.key_prefix, self.model_version, digest)
+
+    def _local_get(self, digest: bytes) -> bytes | None:
+        value = self._local.get(digest)
+        if value is not None:
+            self._local.move_to_end(digest)
+        return value
+
+    def _local_put(self, digest: bytes, value: bytes) -> None:
+        if self.settings.local_entries == 0:
+            return
+        self._local[digest] = value
+        self._local.move_to_end(digest)
+        while len(self._local) > self.settings.local_entries:
+            self._local.popitem(last=False)
+
+
+def _digest(d: bytes) -> bytes:
+    if not isinstance(d, bytes) or len(d) != DIGEST_BYTES:
+        raise ValueError(f"a cache digest is {DIGEST_BYTES} bytes (key_digest), got {d!r:.60}")
+    return d
+
+
+def _safe_url(url: str | None) -> str:
+    """The Redis address without its password, for logs."""
+    parts = urlsplit(url or "")
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" if url else ""
