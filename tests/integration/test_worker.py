@@ -1,0 +1,142 @@
+"""The scoring worker on a real broker and redis-server: batches, scores, cache, commits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from engines.loader import load_engine
+from engines.protocol import Engine
+from qscore.cache import CacheSettings, ResultCache, decode_floats, key_digest
+from qscore.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from schemas import (
+    QueryItem,
+    TokenBatch,
+    decode_dead_letter,
+    decode_score_batch,
+    encode_token_batch,
+)
+from tokenizer_svc.tokenization import QueryTokenizer
+from workers.microbatcher import BatcherSettings
+from workers.scoring import BatchLimits, run_token_batch
+from workers.service import ScoringWorker, WorkerSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def kafka(bootstrap: str) -> KafkaSettings:
+    settings = KafkaSettings(bootstrap_servers=bootstrap)
+    return settings if os.environ.get("QSCORE_TEST_KAFKA") else settings.with_fast_groups()
+
+
+async def read_all(bootstrap: str, topic: str, count: int) -> list[bytes]:
+    """Read at least `count` messages from every partition of `topic`, without a group."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        out: list[bytes] = []
+        async with asyncio.timeout(30):
+            while len(out) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                out.extend(r.value for records in batch.values() for r in records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def tokenize(engine: Engine, items: list[QueryItem], batch_id: str) -> TokenBatch:
+    """What the tokenizer service sends: a TokenBatch with one cache digest per sequence."""
+    m = engine.manifest
+    tok = QueryTokenizer(engine.path / "tokenizer" / "tokenizer.json", m.max_length,
+                         pairs=m.head == "classifier")
+    tb = tok.token_batch(batch_id, items, submitted_at=time.time())
+    keys = [key_digest(m.version, items[i].query, None if d < 0 else (items[i].docs or ())[d])
+            for i, d in zip(tb.seq_item.tolist(), tb.seq_doc.tolist(), strict=True)]
+    return replace(tb, cache_keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16))
+
+
+ITEMS = [
+    QueryItem(id="a", query="how to boil an egg",
+              docs=("Boil the eggs for nine minutes.", "Lisbon is the capital of Portugal.")),
+    QueryItem(id="b", query="capital of australia"),
+    QueryItem(id="c", query="python sort list", docs=("Use sorted(xs).",)),
+]
+
+
+async def test_worker_scores_token_batches_writes_cache_and_commits(
+        kafka_bootstrap: str, redis_url: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path) -> None:
+    topics = Topics.with_prefix(topic_name)
+    for name in topics.all():
+        await create_topic(name, partitions=2)
+    engine = load_engine(default_engine_path, threads=2)
+    token_batches = [tokenize(engine, ITEMS, f"b{i}") for i in range(6)]
+    producer = make_producer(kafka(kafka_bootstrap))
+    await producer.start()
+    try:
+        for tb in token_batches[:5]:
+            await producer.send_and_wait(topics.tokens, encode_token_batch(tb),
+                                         key=tb.batch_id.encode())
+        await producer.send_and_wait(topics.tokens_offline,
+                                     encode_token_batch(token_batches[5]), key=b"b5")
+        await producer.send_and_wait(topics.tokens, b"\x00 not a token batch", key=b"poison")
+    finally:
+        await producer.stop()
+
+    settings = WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                              batcher=BatcherSettings(max_batch=8, max_wait_ms=2),
+                              group_id=f"{topic_name}-w")
+    async with ResultCache(CacheSettings(redis_url=redis_url), engine.manifest.version) as cache:
+        worker = ScoringWorker(settings, [engine], cache)
+        await worker.start()
+        try:
+            await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
+        finally:
+            await worker.stop()
+
+    batches = [decode_score_batch(v) for v in await read_all(kafka_bootstrap, topics.scores, 6)]
+    expected = run_token_batch(load_engine(default_engine_path), token_batches[0],
+                               BatchLimits()).items
+    assert sorted(b.batch_id for b in batches) == [f"b{i}" for i in range(6)]
+    for batch in batches:
+        for got, want in zip(batch.items, expected, strict=True):
+            assert got.id == want.id and not got.cached
+            assert got.model_version == engine.manifest.version
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+            if want.embedding is not None:
+                np.testing.assert_allclose(got.embedding, want.embedding, atol=1e-5)
+    assert worker.stats.messages == 6 and worker.stats.batches >= 1
+    assert worker.online.stats.dead_letters == 1
+
+    # Write-through: every unit is in Redis under the tokenizer's digests.
+    fresh = ResultCache(CacheSettings(redis_url=redis_url, local_entries=0),
+                        engine.manifest.version)
+    async with fresh:
+        keys = token_batches[0].cache_keys
+        assert keys is not None
+        values = await fresh.get_many([bytes(k) for k in keys])
+    assert all(v is not None for v in values)
+    a_doc0 = decode_floats(values[1])  # sequences: a's query, a's doc 0, a's doc 1, ...
+    assert a_doc0[0] == pytest.approx(expected[0].scores[0], abs=1e-5)
+
+    (letter,) = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
+                                                               topics.dead_letter, 1)]
+    assert letter.stage == "score" and letter.original == b"\x00 not a token batch"
+
+    # Every offset, the poison message's included, is committed.
+    check = make_consumer(kafka(kafka_bootstrap), group_id=f"{topic_name}-w")
+    await check.start()
+    try:
+        committed = [await check.committed(TopicPartition(topics.tokens, p)) or 0
+                     for p in range(2)]
+        assert sum(committed) == 6  # 5 token batches + 1 poison message
+    finally:
+        await check.stop()

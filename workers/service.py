@@ -1,0 +1,217 @@
+"""The scoring worker: TokenBatches in, ScoreBatches out, cache written, then offsets committed.
+
+Two record pipelines (online and offline token topics, separate consumer groups so an offline
+backlog can neither hold online fetches nor their in-flight slots) feed one MicroBatcher; a
+dispatcher hands batches to free EnginePool slots. A record's handler waits for its scores,
+publishes them and writes the cache; only then does its pipeline count the offset as finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+from aiokafka import ConsumerRecord
+
+from engines.protocol import Engine
+from qscore.cache import ResultCache, encode_floats
+from qscore.kafka import KafkaSettings, Topics
+from qscore.pipeline import PipelineSettings, RecordPipeline
+from schemas import (
+    DEFAULT_LIMITS,
+    ItemScore,
+    Limits,
+    ScoreBatch,
+    Timings,
+    TokenBatch,
+    decode_token_batch,
+    encode_score_batch,
+)
+from workers.assemble import item_scores
+from workers.microbatcher import BatcherSettings, MicroBatch, MicroBatcher, Priority
+from workers.pool import EnginePool
+
+log = structlog.get_logger(__name__)
+
+
+class WorkerInputError(ValueError):
+    """A TokenBatch this worker's engine cannot score (tokenizer or length mismatch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    kafka: KafkaSettings
+    topics: Topics = field(default_factory=Topics)
+    batcher: BatcherSettings = field(default_factory=BatcherSettings)
+    limits: Limits = DEFAULT_LIMITS
+    group_id: str = "qscore-worker"
+    max_in_flight: int = 256  # online TokenBatches being worked on
+    max_in_flight_offline: int = 32
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    messages: int = 0
+    items: int = 0
+    batches: int = 0  # engine calls
+    sequences: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    score_batches: int = 0
+    cache_writes: int = 0
+    engine_errors: int = 0
+    batch_sizes: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.sequences / self.batches if self.batches else 0.0
+
+
+class ScoringWorker:
+    def __init__(self, settings: WorkerSettings, engines: Sequence[Engine],
+                 cache: ResultCache | None = None, *, name: str = "worker") -> None:
+        self.settings = settings
+        self.pool = EnginePool(engines)
+        self.manifest = self.pool.manifest
+        self.cache = cache
+        self.batcher = MicroBatcher(settings.batcher)
+        self.stats = WorkerStats()
+        self.name = name
+        common = {"stage": "score", "dead_letter_topic": settings.topics.dead_letter,
+                  "limits": settings.limits}
+        self.online = RecordPipeline(
+            settings.kafka, [settings.topics.tokens],
+            PipelineSettings(group_id=settings.group_id, max_in_flight=settings.max_in_flight),
+            name=f"{name}-online", **common)  # type: ignore[arg-type]
+        self.offline = RecordPipeline(
+            settings.kafka, [settings.topics.tokens_offline],
+            PipelineSettings(group_id=f"{settings.group_id}.offline",
+                             max_in_flight=settings.max_in_flight_offline),
+            name=f"{name}-offline", **common)  # type: ignore[arg-type]
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.online.start()
+        try:
+            await self.offline.start()
+        except BaseException:
+            await self.online.stop()
+            raise
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"{self.name}-dispatch")
+
+    def request_stop(self) -> None:
+        self.online.request_stop()
+        self.offline.request_stop()
+
+    async def run(self, *, idle_exit_s: float | None = None) -> None:
+        """Serve until request_stop() (then drain and commit), or in burst mode until both
+        topics were idle for `idle_exit_s` with nothing in flight."""
+        await asyncio.gather(
+            self.online.run(lambda r: self._handle(r, "online"), idle_exit_s=idle_exit_s),
+            self.offline.run(lambda r: self._handle(r, "offline"), idle_exit_s=idle_exit_s))
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.gather(self.online.stop(), self.offline.stop())
+        finally:
+            if self._dispatcher is not None:
+                self._dispatcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._dispatcher
+            if self._running:
+                await asyncio.wait(self._running)
+            self.pool.close()
+
+    async def __aenter__(self) -> ScoringWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- per record ------------------------------------------------------------------------
+    async def _handle(self, record: ConsumerRecord, priority: Priority) -> None:
+        received = time.time()
+        tb = decode_token_batch(record.value or b"", self.settings.limits)
+        m = self.manifest
+        if tb.tokenizer_id != m.tokenizer_id:
+            raise WorkerInputError(f"TokenBatch tokenizer {tb.tokenizer_id} differs from the "
+                                   f"engine's {m.tokenizer_id} (model {m.model_id} {m.version})")
+        if tb.max_length > m.max_length:
+            raise WorkerInputError(f"TokenBatch max_length {tb.max_length} exceeds the "
+                                   f"engine's {m.max_length}")
+        queued = time.perf_counter()
+        outputs = await (await self.batcher.submit(tb, priority))
+        inference_done = time.perf_counter()
+        items = item_scores(tb, outputs, head=m.head, model_version=m.version)
+        batch = ScoreBatch(
+            batch_id=tb.batch_id, items=tuple(items), model_id=m.model_id,
+            produced_at=time.time(),
+            timings=Timings(queue_ms=(inference_done - queued) * 1000,
+                            total_ms=max(0.0, (time.time() - tb.submitted_at) * 1000)))
+        pipeline = self.online if priority == "online" else self.offline
+        send = await pipeline.producer.send(
+            self.settings.topics.scores, encode_score_batch(batch, self.settings.limits),
+            key=tb.batch_id.encode())
+        await asyncio.gather(send, self._write_cache(tb, outputs, items))
+        self.stats.messages += 1
+        self.stats.items += len(items)
+        self.stats.score_batches += 1
+        log.debug("scored", batch_id=tb.batch_id, items=len(items),
+                  wait_ms=round((time.time() - received) * 1000, 2))
+
+    async def _write_cache(self, tb: TokenBatch, outputs: np.ndarray,
+                           items: Sequence[ItemScore]) -> None:
+        """Write-through under the per-sequence digests the tokenizer computed from text."""
+        if self.cache is None or tb.cache_keys is None:
+            return
+        similarity = self.manifest.head == "similarity"
+        entries = []
+        for i, (item, doc) in enumerate(zip(tb.seq_item.tolist(), tb.seq_doc.tolist(),
+                                            strict=True)):
+            if similarity and doc >= 0:
+                # A doc's unit value is its cosine with the query, not its embedding.
+                value = encode_floats([items[item].scores[doc]])
+            else:
+                value = encode_floats(outputs[i].reshape(-1))
+            entries.append((bytes(tb.cache_keys[i]), value))
+        await self.cache.put_many(entries)
+        self.stats.cache_writes += len(entries)
+
+    # -- dispatch --------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        while True:
+            slot = await self.pool.acquire()
+            try:
+                batch = await self.batcher.next_batch()
+            except BaseException:
+                self.pool.release(slot)
+                raise
+            task = asyncio.create_task(self._run_batch(slot, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, slot: int, batch: MicroBatch) -> None:
+        try:
+            outputs = await self.pool.run(slot, batch)
+        except Exception as exc:
+            self.stats.engine_errors += 1
+            log.error("engine_failed", slot=slot, size=batch.size, error=str(exc))
+            self.batcher.fail(batch, exc)
+        else:
+            self.stats.batches += 1
+            self.stats.sequences += batch.size
+            self.stats.batch_sizes.append(batch.size)
+            longest = max(r.length for r in batch.refs)
+            self.stats.padded_tokens += longest * batch.size
+            self.stats.real_tokens += sum(r.length for r in batch.refs)
+            self.batcher.complete(batch, outputs)
+        finally:
+            self.pool.release(slot)
+
