@@ -1,0 +1,222 @@
+"""Queue-depth batching under load: offered load from ~10% to ~120% of the engine's capacity,
+through the real broker, against the bare engine measured in the same run.
+
+Run: .venv/bin/python bench/batching.py [--step-seconds 6] [--items-per-message 4]
+The scoring worker runs as its own process (`qscore worker`), the embedded broker beside it;
+this process plays the tokenizer service (it publishes pre-tokenized real queries, as a CPU
+tokenizer tier would) and the score consumer. Latency is end to end: publish of a TokenBatch
+-> ScoreBatch received. Mean batch size comes from the worker's Prometheus counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import load_queries, machine, markdown_table, percentiles, write_section
+
+
+def bare_engine(path: Path, queries: list[str], max_batch: int) -> tuple[float, float]:
+    """Engine alone on the same real queries: items/s at full batches (the ceiling), and the
+    time of one call the size of one message (the low-load latency floor)."""
+    from engines.loader import load_engine
+    from schemas import QueryItem
+    from tokenizer_svc.tokenization import QueryTokenizer
+    from workers.scoring import BatchLimits, run_token_batch
+
+    engine = load_engine(path)
+    tok = QueryTokenizer(path / "tokenizer" / "tokenizer.json", engine.manifest.max_length,
+                         pairs=False)
+    items = [QueryItem(id=str(i), query=q) for i, q in enumerate(queries)]
+    limits = BatchLimits(max_batch=max_batch)
+    window = 512  # what a worker's queue holds at saturation, not the whole set sorted
+    run_token_batch(engine, tok.token_batch("w", items[:window], submitted_at=0), limits)
+    started = time.perf_counter()
+    for i in range(0, len(items), window):
+        run_token_batch(engine, tok.token_batch("b", items[i:i + window], submitted_at=0),
+                        limits)
+    capacity = len(items) / (time.perf_counter() - started)
+    small = [run_token_batch(engine, tok.token_batch("s", items[i:i + 4], submitted_at=0),
+                             limits).batch_ms[0] for i in range(0, 400, 4)]
+    engine.close()
+    return capacity, float(np.median(small))
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r"^(qscore_\w+?)(?:_total)? ([0-9.e+-]+)$", text, re.M)}
+
+
+async def run_step(bootstrap: str, topics, messages, rate_items: float,  # type: ignore[no-untyped-def]
+                   per_message: int, seconds: float) -> dict[str, float]:
+    from aiokafka import AIOKafkaConsumer
+
+    from qscore.kafka import KafkaSettings, make_producer
+    from schemas import decode_score_batch, encode_token_batch
+
+    n_messages = max(1, int(rate_items * seconds / per_message))
+    interval = per_message / rate_items
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    done = asyncio.Event()
+    consumer = AIOKafkaConsumer(topics.scores, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="latest", fetch_max_wait_ms=2)
+    await consumer.start()
+    await consumer.seek_to_end()
+    for tp in consumer.assignment():
+        await consumer.position(tp)  # pin "latest" before anything is sent
+    producer = make_producer(KafkaSettings(bootstrap_servers=bootstrap), linger_ms=0)
+    await producer.start()
+    last_recv = 0.0
+
+    async def receive() -> None:
+        nonlocal last_recv
+        while len(latencies) < n_messages:
+            batches = await consumer.getmany(timeout_ms=100)
+            now = time.perf_counter()
+            for records in batches.values():
+                for r in records:
+                    batch = decode_score_batch(r.value)
+                    if batch.batch_id in sent:
+                        latencies.append((now - sent.pop(batch.batch_id)) * 1000)
+                        last_recv = now
+        done.set()
+
+    receiver = asyncio.create_task(receive())
+    start = time.perf_counter()
+    for i in range(n_messages):
+        due = start + i * interval
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        tb = messages[i % len(messages)]
+        batch_id = f"{tb.batch_id}-{uuid.uuid4().hex[:8]}"
+        payload = encode_token_batch(replace(tb, batch_id=batch_id, submitted_at=time.time()))
+        sent[batch_id] = time.perf_counter()
+        await producer.send(topics.tokens, payload, key=batch_id.encode())
+    await producer.flush()
+    try:
+        await asyncio.wait_for(done.wait(), timeout=seconds * 4 + 30)
+    finally:
+        receiver.cancel()
+        await producer.stop()
+        await consumer.stop()
+    p50, p99 = percentiles(latencies)
+    return {"offered": rate_items, "throughput": n_messages * per_message / (last_recv - start),
+            "p50": p50, "p99": p99, "lost": len(sent)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=Path, default=None)
+    parser.add_argument("--loads", default="0.1,0.3,0.5,0.7,0.9,1.0,1.2",
+                        help="offered load as fractions of the bare engine's capacity")
+    parser.add_argument("--step-seconds", type=float, default=6.0)
+    parser.add_argument("--items-per-message", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    from engines.source import resolve_model
+    from qscore.config import EngineSettings
+    from qscore.engine import find_artifact
+    from qscore.fleet import ServiceProcess
+    from qscore.kafka import KafkaSettings, Topics, ensure_topics
+    from qscore.localservices import EmbeddedBroker, free_port
+    from schemas import QueryItem
+    from tokenizer_svc.tokenization import QueryTokenizer
+
+    queries, source_name = load_queries(args.queries)
+    path = find_artifact(EngineSettings())
+    source = resolve_model("default")
+    capacity, small_call_ms = bare_engine(path, queries[:2000], args.max_batch)
+    print(f"bare engine: {capacity:,.0f} items/s at batch {args.max_batch}; "
+          f"one {args.items_per_message}-query call {small_call_ms:.1f} ms")
+
+    tok = QueryTokenizer(path / "tokenizer" / "tokenizer.json", source.max_length, pairs=False)
+    k = args.items_per_message
+    messages = [tok.token_batch(f"m{i}", [QueryItem(id=str(j), query=q) for j, q in
+                                          enumerate(queries[i:i + k])], submitted_at=0.0)
+                for i in range(0, min(len(queries), 4000) - k, k)]
+    rows = []
+    with EmbeddedBroker() as broker:
+        topics = Topics.with_prefix(f"bench-{uuid.uuid4().hex[:6]}")
+        asyncio.run(ensure_topics(KafkaSettings(bootstrap_servers=broker.bootstrap_servers),
+                                  topics.all(), partitions=4))
+        port = free_port()
+        log = Path("/tmp") / f"qscore-bench-worker-{port}.log"
+        worker = ServiceProcess("worker", [
+            "worker", "--engine", str(path), "--bootstrap-servers", broker.bootstrap_servers,
+            "--topic-prefix", topics.scores.rsplit(".", 1)[0], "--fast-groups",
+            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+            "--metrics-port", str(port), "--log-level", "warning"], log_path=log).start()
+        try:
+            _wait_for_metrics(port, worker)
+            # Warm-up: the group join, and the engine's first calls.
+            asyncio.run(run_step(broker.bootstrap_servers, topics, messages, capacity * 0.2, k,
+                                 2.0))
+            for load in (float(x) for x in args.loads.split(",")):
+                before = scrape(port)
+                result = asyncio.run(run_step(broker.bootstrap_servers, topics, messages,
+                                              capacity * load, k, args.step_seconds))
+                after = scrape(port)
+                batches = after["qscore_worker_worker_batches"] - before[
+                    "qscore_worker_worker_batches"]
+                seqs = after["qscore_worker_worker_sequences"] - before[
+                    "qscore_worker_worker_sequences"]
+                result["mean_batch"] = seqs / batches if batches else 0.0
+                print(f"load {load:>4.0%}: {result}")
+                rows.append((load, result))
+        finally:
+            worker.stop()
+
+    table = markdown_table(
+        ["offered load", "offered items/s", "mean batch", "p50 ms", "p99 ms",
+         "delivered items/s", "vs bare engine", "lost"],
+        [[f"{load:.0%}", f"{r['offered']:,.0f}", f"{r['mean_batch']:.1f}", f"{r['p50']:.1f}",
+          f"{r['p99']:.1f}", f"{r['throughput']:,.0f}", f"{r['throughput'] / capacity:.0%}",
+          str(r["lost"])] for load, r in rows])
+    body = (
+        "## Batching under load (`bench/batching.py`)\n\n"
+        f"Machine: {machine()}. One scoring worker process (ONNX Runtime FP32, all-MiniLM-L6-v2, "
+        f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms) beside the embedded broker "
+        f"(tansu); the bench process publishes pre-tokenized real queries ({source_name}) as "
+        f"TokenBatches of {k} queries at a fixed rate for {args.step_seconds:.0f} s per step and "
+        "reads the scores back. Latency: publish -> ScoreBatch received. All on the same 2 "
+        "cores, so broker and bench compete with the engine.\n\n"
+        f"Bare engine in the same run: **{capacity:,.0f} items/s** (batch {args.max_batch}, "
+        f"length-sorted windows of 512); one {k}-query call: {small_call_ms:.1f} ms.\n\n"
+        f"{table}\n\n"
+        f"Command: `.venv/bin/python bench/batching.py --step-seconds {args.step_seconds:g} "
+        f"--items-per-message {k}`\n")
+    print(body)
+    if not args.no_write:
+        write_section("batching", body)
+
+
+def _wait_for_metrics(port: int, proc) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited:\n{proc.log_tail()}")
+        try:
+            scrape(port)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("worker metrics never came up")
+
+
+if __name__ == "__main__":
+    main()
