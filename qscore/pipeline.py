@@ -48,6 +48,10 @@ class PipelineStats:
     rebalances: int = 0
 
 
+class PipelineError(RuntimeError):
+    """The pipeline stopped: a record could be neither finished nor dead-lettered."""
+
+
 class RecordPipeline:
     """Runs `handler` for every record of `topics`, committing only finished offsets."""
 
@@ -73,6 +77,8 @@ class RecordPipeline:
         self._idle = asyncio.Event()  # set whenever nothing is in flight
         self._idle.set()
         self._last_record = time.monotonic()
+        self._in_group = False  # joined, and no rebalance since: burst mode may count idle time
+        self.failure: Exception | None = None  # set when a record could not even dead-letter
         self._paused = False
         self._started = False
 
@@ -108,9 +114,12 @@ class RecordPipeline:
         """Consume until `request_stop()`, or (burst mode) until nothing arrived for
         `idle_exit_s` and nothing is in flight: a whole run is then one awaitable."""
         commit_task = asyncio.create_task(self._commit_loop(), name=f"{self.name}-commits")
+        # Idle time counts from now (not from construction) and only while settled in the
+        # group: a group join can take longer than idle_exit_s, and nothing arrives during it.
+        self._last_record = time.monotonic()
         try:
             while not self._stopping.is_set():
-                if idle_exit_s is not None and self._idle.is_set() and (
+                if idle_exit_s is not None and self._idle.is_set() and self._in_group and (
                         time.monotonic() - self._last_record >= idle_exit_s):
                     break
                 await self._fetch_once(handler)
@@ -120,6 +129,16 @@ class RecordPipeline:
                 await commit_task
             await self._drain()
             await self._commit()
+        if self.failure is not None:
+            raise PipelineError(f"{self.name}: a record could neither be finished nor "
+                                "dead-lettered; stopped so that a restart redelivers it "
+                                "(see the cause below)") from self.failure
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failure is None:
+            self.failure = exc
+            log.error("pipeline_failed", service=self.name, error=f"{type(exc).__name__}: {exc}")
+        self._stopping.set()
 
     async def _fetch_once(self, handler: Handler) -> None:
         batches = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
@@ -154,7 +173,14 @@ class RecordPipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of one record: dead-letter it, move on
-                await self.dead_letter(record, exc)
+                try:
+                    await self.dead_letter(record, exc)
+                except Exception as fatal:
+                    # Neither its outputs nor its dead letter were acknowledged: the record
+                    # cannot finish, so no offset past it may be committed, ever. Stop rather
+                    # than consume on with commits stalled; a restart redelivers it.
+                    self._fail(fatal)
+                    return
             self.tracker.finish(tp, record.offset)
             self.stats.finished += 1
         finally:
@@ -171,12 +197,12 @@ class RecordPipeline:
             record.value or b"",
             SourceRef(topic=record.topic, partition=record.partition, offset=record.offset),
             limits=self.limits)
-        self.stats.dead_letters += 1
         log.warning("dead_letter", service=self.name, topic=record.topic,
                     partition=record.partition, offset=record.offset, reason=letter.reason)
         await self.producer.send_and_wait(self.dead_letter_topic,
                                           encode_dead_letter(letter, self.limits),
                                           key=record.key)
+        self.stats.dead_letters += 1  # published ones only
 
     # -- commits, drain, rebalance ---------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -205,7 +231,13 @@ class RecordPipeline:
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
 
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._in_group = True
+        self._last_record = time.monotonic()
+        log.info("partitions_assigned", service=self.name, partitions=len(assigned))
+
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._in_group = False
         self.stats.rebalances += 1
         # Let work already running for these partitions finish, so its offsets can be
         # committed now; whatever is still running after the grace period is abandoned to
@@ -225,4 +257,4 @@ class _Listener(ConsumerRebalanceListener):
         await self.pipeline.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions_assigned", service=self.pipeline.name, partitions=len(assigned))
+        self.pipeline.on_assigned(set(assigned))

@@ -157,8 +157,8 @@ class ScoringWorker:
                             total_ms=max(0.0, (time.time() - tb.submitted_at) * 1000)))
         pipeline = self.online if priority == "online" else self.offline
         send = await pipeline.producer.send(
-            self.settings.topics.scores, encode_score_batch(batch, self.settings.limits),
-            key=tb.batch_id.encode())
+            tb.reply_topic or self.settings.topics.scores,
+            encode_score_batch(batch, self.settings.limits), key=tb.batch_id.encode())
         await asyncio.gather(send, self._write_cache(tb, outputs, items))
         self.stats.messages += 1
         self.stats.items += len(items)

@@ -1,0 +1,208 @@
+"""Tokenizer service logic without a broker: cache units and keys, cached scores, splitting
+into messages that fit, and the tokenizer process pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from engines.source import default_model_path
+from qscore.cache import encode_floats, key_digest
+from schemas import (
+    ItemScore,
+    Limits,
+    QueryBatch,
+    QueryItem,
+    SchemaError,
+    ScoreBatch,
+    Timings,
+    decode_score_batch,
+    decode_token_batch,
+    encode_query_batch,
+)
+from tokenizer_svc.pool import (
+    TokenizeError,
+    TokenizerPool,
+    TokenizerSpec,
+    encode_to_fit,
+    prepare_batch,
+    slice_items,
+    tokenize_items,
+)
+from tokenizer_svc.service import encode_scores_to_fit
+from tokenizer_svc.tokenization import QueryTokenizer
+from tokenizer_svc.units import cached_item, item_keys, sequence_keys
+
+TOKENIZER = default_model_path() / "tokenizer.json"
+V = "v1abc"
+ITEMS = (QueryItem(id="a", query="boil an egg", docs=("nine minutes", "a pan of water")),
+         QueryItem(id="b", query="capital of australia"),
+         QueryItem(id="c", query="red shoes", docs=(" ",)))
+
+
+def _tokenizer(pairs: bool, max_length: int = 64) -> QueryTokenizer:
+    return QueryTokenizer(TOKENIZER, max_length, pairs=pairs)
+
+
+def test_item_keys_units_and_lookup() -> None:
+    a, b, c = (item_keys(it, V) for it in ITEMS)
+    assert a.query == key_digest(V, "boil an egg", None)
+    assert a.docs == (key_digest(V, "boil an egg", "nine minutes"),
+                      key_digest(V, "boil an egg", "a pan of water"))
+    assert a.lookup == a.docs  # an item with docs hits on its docs, not its query
+    assert b.lookup == (key_digest(V, "capital of australia", None),) and b.docs == ()
+    assert c.lookup == (key_digest(V, "red shoes", " "),) != (c.query,)  # blank doc != no doc
+    assert item_keys(ITEMS[0], "v2").docs[0] != a.docs[0]  # the version is part of the key
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["similarity", "classifier"])
+def test_sequence_keys_follow_each_sequence(pairs: bool) -> None:
+    tb = _tokenizer(pairs).token_batch("x", ITEMS, submitted_at=1.0)
+    keys = sequence_keys(tb.seq_item, tb.seq_doc, [item_keys(it, V) for it in ITEMS])
+    assert keys.dtype == np.uint8 and keys.shape == (tb.n_sequences, 16)
+    for row, (i, d) in zip(keys, zip(tb.seq_item.tolist(), tb.seq_doc.tolist(), strict=True),
+                           strict=True):
+        item = ITEMS[i]
+        assert bytes(row) == key_digest(V, item.query, None if d < 0 else item.docs[d])
+    # similarity: the query's own sequence too; classifier: only pairs for items with docs
+    assert (-1 in tb.seq_doc[tb.seq_item == 0].tolist()) is (not pairs)
+
+
+def test_cached_item_similarity() -> None:
+    with_docs, alone = ITEMS[0], ITEMS[1]
+    score = cached_item(with_docs, [encode_floats([0.5]), encode_floats([-0.25])],
+                        "similarity", V)
+    assert score is not None and score.cached and score.model_version == V
+    assert score.scores == (0.5, -0.25) and score.embedding is None
+    embedding = np.linspace(-1, 1, 8, dtype=np.float32)
+    score = cached_item(alone, [encode_floats(embedding)], "similarity", V)
+    assert score is not None and score.scores == ()
+    assert score.embedding == tuple(embedding.tolist())
+    # A one-float value under a query key is a classifier's, not an embedding.
+    assert cached_item(alone, [encode_floats([0.3])], "similarity", V) is None
+
+
+def test_cached_item_classifier() -> None:
+    score = cached_item(ITEMS[0], [encode_floats([0.9]), encode_floats([0.1])], "classifier", V)
+    assert score is not None and score.scores == pytest.approx((0.9, 0.1))
+    score = cached_item(ITEMS[1], [encode_floats([0.75])], "classifier", V)
+    assert score is not None and score.scores == (0.75,) and score.embedding is None
+
+
+@pytest.mark.parametrize("values", [
+    [encode_floats([0.5]), None],  # one doc missed: the whole item is tokenized
+    [None, None],
+    [encode_floats([0.5]), b"\x00\x01"],  # not float32
+    [encode_floats([0.5]), encode_floats([0.1, 0.2])],  # not one score
+    [encode_floats([0.5]), encode_floats([float("nan")])],  # would not encode
+    [],
+])
+def test_cached_item_needs_every_unit(values: list[bytes | None]) -> None:
+    assert cached_item(ITEMS[0], values, "classifier", V) is None
+
+
+def _per_item(tbs: list) -> dict[str, list[tuple[int, list[int], bytes]]]:
+    """item id -> [(seq_doc, token ids, cache key)] across TokenBatches."""
+    out: dict[str, list[tuple[int, list[int], bytes]]] = {}
+    for tb in tbs:
+        for s in range(tb.n_sequences):
+            item = tb.item_ids[int(tb.seq_item[s])]
+            out.setdefault(item, []).append(
+                (int(tb.seq_doc[s]), tb.sequence(s).tolist(), bytes(tb.cache_keys[s])))
+    return out
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["similarity", "classifier"])
+def test_encode_to_fit_splits_by_size_and_keeps_everything(pairs: bool) -> None:
+    items = tuple(QueryItem(id=f"q{i}", query=f"query number {i}",
+                            docs=tuple(f"doc {j} of query {i} " * (1 + j) for j in range(4)))
+                  for i in range(40))
+    keys = [item_keys(it, V) for it in items]
+    whole = tokenize_items(_tokenizer(pairs), Limits(), "big", items, keys, submitted_at=5.0,
+                           priority="offline")
+    assert len(whole.messages) == 1
+    (reference,) = [decode_token_batch(m) for m in whole.messages]
+
+    limits = Limits(max_message_bytes=len(whole.messages[0]) // 3)
+    split = tokenize_items(_tokenizer(pairs), limits, "big", items, keys, submitted_at=5.0,
+                           priority="offline")
+    assert len(split.messages) >= 3
+    assert all(len(m) <= limits.max_message_bytes for m in split.messages)
+    tbs = [decode_token_batch(m, limits) for m in split.messages]
+    assert {tb.batch_id for tb in tbs} == {"big"}
+    assert all(tb.priority == "offline" and tb.submitted_at == 5.0 for tb in tbs)
+    assert [i for tb in tbs for i in tb.item_ids] == [it.id for it in items]  # order kept
+    assert _per_item(tbs) == _per_item([reference])
+    assert split.sequences == reference.n_sequences
+
+
+def test_encode_to_fit_splits_by_sequence_count() -> None:
+    tb = _tokenizer(False).token_batch("x", ITEMS, submitted_at=1.0)
+    tb_keys = sequence_keys(tb.seq_item, tb.seq_doc, [item_keys(it, V) for it in ITEMS])
+    tb = replace(tb, cache_keys=tb_keys)
+    messages = encode_to_fit(tb, Limits(max_sequences=3))
+    tbs = [decode_token_batch(m) for m in messages]
+    assert all(t.n_sequences <= 3 for t in tbs)
+    assert _per_item(tbs) == _per_item([tb])
+    assert slice_items(tb, 1, 2).item_ids == ("b",)
+    assert slice_items(tb, 1, 2).seq_item.tolist() == [0]
+
+
+def test_an_item_too_big_for_any_message_is_refused() -> None:
+    item = QueryItem(id="huge", query="q", docs=tuple("word " * 50 for _ in range(30)))
+    with pytest.raises(TokenizeError, match="'huge' alone"):
+        tokenize_items(_tokenizer(False), Limits(max_message_bytes=2000), "x", [item],
+                       [item_keys(item, V)], submitted_at=1.0)
+
+
+def test_cached_score_batches_split_to_fit() -> None:
+    items = tuple(ItemScore(id=f"q{i}", scores=(), cached=True, model_version=V,
+                            embedding=tuple(np.linspace(-1, 1, 384).tolist()))
+                  for i in range(30))
+    scores = ScoreBatch(batch_id="b", items=items, model_id="m", produced_at=1.0,
+                        timings=Timings(tokenize_ms=1.0))
+    limits = Limits(max_message_bytes=64_000)
+    messages = encode_scores_to_fit(scores, limits)
+    assert len(messages) > 1 and all(len(m) <= 64_000 for m in messages)
+    decoded = [decode_score_batch(m, limits) for m in messages]
+    assert [it for b in decoded for it in b.items] == list(items)
+    assert {b.batch_id for b in decoded} == {"b"}
+
+
+def test_prepare_batch_decodes_and_hashes() -> None:
+    batch = QueryBatch(batch_id="b1", items=ITEMS, submitted_at=time.time())
+    prepared = prepare_batch(encode_query_batch(batch), Limits(), V)
+    assert prepared.batch == batch
+    assert prepared.keys == tuple(item_keys(it, V) for it in ITEMS)
+    with pytest.raises(SchemaError) as info:
+        prepare_batch(b'{"v": 2}', Limits(), V)
+    assert info.value.rule == "version"
+
+
+async def test_pool_tokenizes_off_the_loop_and_survives_a_dead_process() -> None:
+    spec = TokenizerSpec(tokenizer_json=TOKENIZER, max_length=64, pairs=False,
+                         model_version=V, limits=Limits())
+    pool = TokenizerPool(spec, processes=1)
+    await pool.start()
+    try:
+        batch = QueryBatch(batch_id="b1", items=ITEMS, submitted_at=1.0)
+        prepared = await pool.prepare(encode_query_batch(batch))
+        assert prepared.batch == batch
+        with pytest.raises(SchemaError) as info:  # errors cross the process boundary intact
+            await pool.prepare(b"\xff\xfe not json")
+        assert info.value.rule == "utf-8"
+
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer
+        result = await pool.tokenize("b1", ITEMS, prepared.keys, submitted_at=1.0,
+                                     reply_topic=None, priority="online")
+        assert pool.restarts == 1 and pool.pids != [pid]
+        (tb,) = [decode_token_batch(m) for m in result.messages]
+        assert tb.item_ids == ("a", "b", "c") and tb.cache_keys is not None
+    finally:
+        await pool.close()

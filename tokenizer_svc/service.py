@@ -1,0 +1,301 @@
+"""The tokenizer service: QueryBatches in; cached scores, or TokenBatches for the rest, out.
+
+Per QueryBatch record (online and offline query topics, one consumer group):
+
+    prepare (process pool: decode, validate, hash cache keys)   SchemaError -> DeadLetter "ingest"
+      -> one cache lookup for every unit of the batch
+      -> fully cached items: one ScoreBatch (cached=True) to the reply/score topic
+      -> the rest: tokenize + pack in the pool -> TokenBatch(es) with cache_keys to the online
+         or offline token topic
+      -> returns once the broker acknowledged every message; only then is the offset committed
+
+A record from the offline query topic, or with priority "offline", goes to the offline token
+topic (as priority "offline"), so that re-scoring backlogs never queue in front of online work;
+offline tokenizing is also limited to `processes` calls at a time, so online records always
+find a free tokenizer process soon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Self
+
+import orjson
+import structlog
+from aiokafka import ConsumerRecord
+
+from engines.manifest import Manifest, read_manifest
+from qscore.cache import CacheSettings, ResultCache
+from qscore.kafka import KafkaSettings, Topics
+from qscore.pipeline import PipelineSettings, RecordPipeline
+from schemas import (
+    DEFAULT_LIMITS,
+    ItemScore,
+    Limits,
+    QueryBatch,
+    QueryItem,
+    SchemaError,
+    ScoreBatch,
+    Timings,
+    encode_score_batch,
+)
+from tokenizer_svc.pool import Prepared, Tokenized, TokenizerPool, TokenizerSpec
+from tokenizer_svc.tokenization import tokenizer_id_of
+from tokenizer_svc.units import ItemKeys, cached_item
+
+log = structlog.get_logger(__name__)
+
+
+class TokenizerServiceError(RuntimeError):
+    """The service cannot start: its artifact or tokenizer is missing or inconsistent."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerServiceSettings:
+    kafka: KafkaSettings
+    topics: Topics
+    cache: CacheSettings
+    artifact: Path  # engine artifact: only its manifest and tokenizer are used here
+    limits: Limits = DEFAULT_LIMITS
+    processes: int = 2  # tokenizer processes
+    group_id: str = "qscore-tokenizer"
+    max_in_flight: int = 256  # QueryBatch records being worked on; fetching pauses beyond
+    # Items per tokenizer call: a big batch is cut into chunks that run in parallel processes
+    # (and bound each call's memory); every chunk's TokenBatches share the batch_id.
+    tokenize_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("processes", "max_in_flight", "tokenize_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class TokenizerStats:
+    batches: int = 0  # QueryBatches handled (decoded)
+    items: int = 0
+    cached_items: int = 0
+    tokenized_items: int = 0
+    sequences: int = 0
+    truncated: int = 0
+    token_batches: int = 0
+    score_batches: int = 0
+    dead_letters: int = 0  # any stage, as the pipeline published them
+    tokenize_seconds: float = 0.0  # in tokenizer processes: tokenize + pack (per-stage time)
+
+
+class TokenizerService:
+    """Runs the tokenizer stage: `start()`, `run()` (or burst: `run(idle_exit_s=...)`),
+    `request_stop()` to drain, `stop()`; also `async with`."""
+
+    def __init__(self, settings: TokenizerServiceSettings, *, name: str = "tokenizer") -> None:
+        self.settings = settings
+        self.name = name
+        self.manifest: Manifest = read_manifest(settings.artifact)
+        self._check_tokenizer()
+        self.pool = TokenizerPool(TokenizerSpec(
+            tokenizer_json=self._tokenizer_json, max_length=self.manifest.max_length,
+            pairs=self.manifest.head == "classifier", model_version=self.manifest.version,
+            limits=settings.limits), settings.processes)
+        self.cache = ResultCache(settings.cache, self.manifest.version)
+        t = settings.topics
+        self.pipeline = RecordPipeline(
+            settings.kafka, [t.queries, t.queries_offline],
+            PipelineSettings(group_id=settings.group_id, max_in_flight=settings.max_in_flight),
+            stage="tokenize", dead_letter_topic=t.dead_letter, limits=settings.limits, name=name)
+        self._stats = TokenizerStats()
+        self._offline_calls = asyncio.Semaphore(settings.processes)
+
+    @property
+    def _tokenizer_json(self) -> Path:
+        return self.settings.artifact / "tokenizer" / "tokenizer.json"
+
+    def _check_tokenizer(self) -> None:
+        # The same check as qscore.engine.artifact_tokenizer, without loading a tokenizer here.
+        path = self._tokenizer_json
+        if not path.is_file():
+            raise TokenizerServiceError(f"{self.settings.artifact}: no tokenizer/tokenizer.json")
+        found = tokenizer_id_of(path)
+        if found != self.manifest.tokenizer_id:
+            raise TokenizerServiceError(
+                f"{path}: tokenizer {found} differs from the one the engine was built with "
+                f"({self.manifest.tokenizer_id}); rebuild or re-copy the artifact")
+
+    @property
+    def stats(self) -> TokenizerStats:
+        self._stats.dead_letters = self.pipeline.stats.dead_letters
+        return self._stats
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.pool.start()
+        try:
+            await self.cache.start()
+            await self.pipeline.start()
+        except BaseException:
+            await self.cache.close()
+            await self.pool.close()
+            raise
+        m = self.manifest
+        log.info("tokenizer.started", model_id=m.model_id, version=m.version, head=m.head,
+                 max_length=m.max_length, processes=self.settings.processes,
+                 topics=list(self.pipeline.topics), group_id=self.settings.group_id)
+
+    def request_stop(self) -> None:
+        """Stop fetching; `run` finishes what is in flight, commits and returns."""
+        self.pipeline.request_stop()
+
+    async def run(self, *, idle_exit_s: float | None = None) -> None:
+        """Serve until `request_stop()`, or in burst mode until nothing arrived for
+        `idle_exit_s` and nothing is in flight."""
+        await self.pipeline.run(self._handle, idle_exit_s=idle_exit_s)
+
+    async def stop(self) -> None:
+        try:
+            await self.pipeline.stop()
+        finally:
+            await self.cache.close()
+            await self.pool.close()
+        log.info("tokenizer.stopped", **_public(self.stats))
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- per record ------------------------------------------------------------------------
+    async def _handle(self, record: ConsumerRecord) -> None:
+        started = time.perf_counter()
+        try:
+            prepared = await self.pool.prepare(record.value or b"")
+        except SchemaError as exc:
+            await self.pipeline.dead_letter(record, exc, "ingest")
+            return
+        batch = prepared.batch
+        offline = record.topic == self.settings.topics.queries_offline or (
+            batch.priority == "offline")
+        lookups = [k.lookup for k in prepared.keys]
+        values = await self.cache.get_many([d for units in lookups for d in units])
+        hits, misses = _split_hits(prepared, lookups, values, self.manifest)
+        self._stats.batches += 1
+        self._stats.items += len(batch.items)
+        self._stats.cached_items += len(hits)
+        self._stats.tokenized_items += len(misses)
+        key = batch.batch_id.encode()
+        sends: list[asyncio.Future[object]] = []
+        try:
+            if hits:  # first, and not waiting for the misses: the point of the cache is latency
+                sends += await self._publish_cached(batch, hits, started, key)
+            if misses:
+                sends += await self._publish_tokens(batch, prepared, misses, offline, key)
+            await asyncio.gather(*sends)
+        except BaseException:
+            # Whatever was already sent is still awaited, so no ack is left unobserved.
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*sends, return_exceptions=True)
+            raise
+        log.debug("tokenizer.batch", batch_id=batch.batch_id, items=len(batch.items),
+                  cached=len(hits), tokenized=len(misses), offline=offline,
+                  ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _publish_cached(self, batch: QueryBatch, hits: list[ItemScore], started: float,
+                              key: bytes) -> list[asyncio.Future[object]]:
+        now = time.time()
+        scores = ScoreBatch(
+            batch_id=batch.batch_id, items=tuple(hits), model_id=self.manifest.model_id,
+            produced_at=now,
+            timings=Timings(tokenize_ms=(time.perf_counter() - started) * 1000,
+                            total_ms=max(0.0, (now - batch.submitted_at) * 1000)))
+        topic = batch.reply_topic or self.settings.topics.scores
+        sends = []
+        for message in encode_scores_to_fit(scores, self.settings.limits):
+            sends.append(await self.pipeline.producer.send(topic, message, key=key))
+            self._stats.score_batches += 1
+        return sends
+
+    async def _publish_tokens(self, batch: QueryBatch, prepared: Prepared,
+                              misses: list[int], offline: bool,
+                              key: bytes) -> list[asyncio.Future[object]]:
+        chunk = self.settings.tokenize_chunk
+        parts = [misses[i:i + chunk] for i in range(0, len(misses), chunk)]
+        results = await asyncio.gather(*(
+            self._tokenize(batch, [batch.items[i] for i in part],
+                           [prepared.keys[i] for i in part], offline)
+            for part in parts))
+        topics = self.settings.topics
+        topic = topics.tokens_offline if offline else topics.tokens
+        sends = []
+        for result in results:
+            self._stats.sequences += result.sequences
+            self._stats.truncated += result.truncated
+            self._stats.tokenize_seconds += result.tokenize_ms / 1000
+            for message in result.messages:
+                sends.append(await self.pipeline.producer.send(topic, message, key=key))
+                self._stats.token_batches += 1
+        return sends
+
+    async def _tokenize(self, batch: QueryBatch, items: list[QueryItem], keys: list[ItemKeys],
+                        offline: bool) -> Tokenized:
+        limit = self._offline_calls if offline else contextlib.nullcontext()
+        async with limit:
+            return await self.pool.tokenize(
+                batch.batch_id, items, keys, submitted_at=batch.submitted_at,
+                reply_topic=batch.reply_topic, priority="offline" if offline else batch.priority)
+
+
+def _split_hits(prepared: Prepared, lookups: list[tuple[bytes, ...]],
+                values: list[bytes | None], manifest: Manifest) -> tuple[list[ItemScore],
+                                                                         list[int]]:
+    """Cached ItemScores, and the indices of the items that must be tokenized."""
+    hits: list[ItemScore] = []
+    misses: list[int] = []
+    at = 0
+    for index, (item, units) in enumerate(zip(prepared.batch.items, lookups, strict=True)):
+        found = values[at:at + len(units)]
+        at += len(units)
+        score = cached_item(item, found, manifest.head, manifest.version)
+        if score is None:
+            misses.append(index)
+        else:
+            hits.append(score)
+    return hits, misses
+
+
+def encode_scores_to_fit(scores: ScoreBatch, limits: Limits) -> list[bytes]:
+    """Encode `scores`, split by items into ScoreBatches (same batch_id) that each fit
+    max_message_bytes (1024 cached embeddings do not fit one). Items are packed by their own
+    JSON size (orjson: cheap), so each item is validated and encoded once, as a rule."""
+    envelope = len(encode_score_batch(replace(scores, items=()), limits)) + 1  # + "]"
+    budget = limits.max_message_bytes - envelope
+    groups: list[list[ItemScore]] = [[]]
+    size = 0
+    for item in scores.items:
+        n = len(orjson.dumps(item.to_obj())) + 1  # + ","
+        if groups[-1] and size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    return [m for g in groups for m in _encode_halving(replace(scores, items=tuple(g)), limits)]
+
+
+def _encode_halving(scores: ScoreBatch, limits: Limits) -> list[bytes]:
+    # The estimate is exact today; halving keeps a future format change from failing batches.
+    try:
+        return [encode_score_batch(scores, limits)]
+    except SchemaError as exc:
+        if exc.rule != "max_bytes" or len(scores.items) < 2:
+            raise
+    mid = len(scores.items) // 2
+    return (_encode_halving(replace(scores, items=scores.items[:mid]), limits)
+            + _encode_halving(replace(scores, items=scores.items[mid:]), limits))
+
+
+def _public(stats: TokenizerStats) -> dict[str, float]:
+    return {f: getattr(stats, f) for f in stats.__dataclass_fields__}
