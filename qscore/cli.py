@@ -213,3 +213,16 @@ def version() -> None:
     from importlib.metadata import version as dist_version
 
     print(dist_version("qscore"))
+
+
+from qscore.cli_kafka import register  # noqa: E402  (fleet client commands: publish, consume, topics)
+
+register(app)
+
+from qscore.cli_worker import register as _register_worker  # noqa: E402
+
+_register_worker(app)
+
+from qscore.cli_fleet import register as _register_fleet  # noqa: E402
+
+_register_fleet(app)

@@ -3,7 +3,7 @@
 Two record pipelines (online and offline token topics, separate consumer groups so an offline
 backlog can neither hold online fetches nor their in-flight slots) feed one MicroBatcher; a
 dispatcher hands batches to free EnginePool slots. A record's handler waits for its scores,
-publishes them and writes the cache; only then does its pipeline count the offset as finished.
+writes the cache and publishes them; only then does its pipeline count the offset as finished.
 """
 
 from __future__ import annotations
@@ -155,11 +155,13 @@ class ScoringWorker:
             produced_at=time.time(),
             timings=Timings(queue_ms=(inference_done - queued) * 1000,
                             total_ms=max(0.0, (time.time() - tb.submitted_at) * 1000)))
+        # Cache first: once a score is visible, asking again is a hit (and the write costs one
+        # pipelined round trip). Never fails: the cache bypasses a Redis outage.
+        await self._write_cache(tb, outputs, items)
         pipeline = self.online if priority == "online" else self.offline
-        send = await pipeline.producer.send(
+        await pipeline.producer.send_and_wait(
             tb.reply_topic or self.settings.topics.scores,
             encode_score_batch(batch, self.settings.limits), key=tb.batch_id.encode())
-        await asyncio.gather(send, self._write_cache(tb, outputs, items))
         self.stats.messages += 1
         self.stats.items += len(items)
         self.stats.score_batches += 1

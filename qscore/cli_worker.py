@@ -1,0 +1,194 @@
+"""`qscore worker` (a scoring worker) and `qscore up` (a whole local fleet on one machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+from qscore.config import EngineSettings, default_home
+from qscore.kafka import KafkaSettings, Topics
+from qscore.logs import configure_logging
+from qscore.metrics import serve_metrics
+from qscore.settings import CacheTtl, RedisCaCerts, RedisUrl, kafka_command, redis_settings_from
+from workers.microbatcher import BatcherSettings
+
+err = Console(stderr=True)
+_B = BatcherSettings()
+_ENGINE_DIR = default_home() / "engines"
+
+Artifact = Annotated[Path | None, typer.Option(
+    "--engine", envvar="QSCORE_ENGINE", help="Engine artifact directory (default: build or "
+    "find the one for --model).")]
+Model = Annotated[str, typer.Option(envvar="QSCORE_MODEL", help="'default' or a Hugging Face "
+                                    "model directory, when no --engine is given.")]
+EngineDir = Annotated[Path, typer.Option(envvar="QSCORE_ENGINE_DIR",
+                                         help="Where built engines are cached.")]
+LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
+MetricsPort = Annotated[int | None, typer.Option(envvar="QSCORE_METRICS_PORT", help=(
+    "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."))]
+
+
+def cache_settings(redis_url: str | None, redis_ca_certs: Path | None, cache_ttl: float,
+                   *, local_only: bool = False):  # type: ignore[no-untyped-def]
+    """CacheSettings from the shared Redis flags (no URL: the in-process LRU only)."""
+    from qscore.cache import CacheSettings
+
+    redis = redis_settings_from(redis_url, redis_ca_certs, cache_ttl)
+    if redis is None or local_only:
+        return CacheSettings()
+    return CacheSettings(redis_url=redis.url, ttl_s=int(redis.ttl_s),
+                         ssl_ca_certs=str(redis.ca_certs) if redis.ca_certs else None)
+
+
+def _install_stop_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+
+
+def worker(
+    kafka: KafkaSettings,
+    topics: Topics,
+    artifact: Artifact = None,
+    model: Model = "default",
+    engine_dir: EngineDir = _ENGINE_DIR,
+    engines: Annotated[int, typer.Option(envvar="QSCORE_ENGINES", min=1, help=(
+        "Engine instances (slots). CPU: ONNX Runtime sessions; with 2+ the next batch is "
+        "formed while one runs."))] = 1,
+    threads: Annotated[int | None, typer.Option(envvar="QSCORE_THREADS", min=1, help=(
+        "Threads per engine instance (default: all cores / instances)."))] = None,
+    max_batch: Annotated[int, typer.Option(envvar="QSCORE_MAX_BATCH", min=1, help=(
+        "Max sequences per engine call (reached under load)."))] = _B.max_batch,
+    token_budget: Annotated[int, typer.Option(envvar="QSCORE_TOKEN_BUDGET", min=1, help=(
+        "Max padded tokens (count x longest) per engine call."))] = _B.token_budget,
+    max_wait_ms: Annotated[float, typer.Option(envvar="QSCORE_MAX_WAIT_MS", min=0, help=(
+        "How long a shallow queue waits for company before running."))] = _B.max_wait_ms,
+    queue_capacity: Annotated[int, typer.Option(envvar="QSCORE_QUEUE_CAPACITY", min=1, help=(
+        "Queued sequences per priority; fetching pauses beyond (backpressure)."))]
+    = _B.capacity,
+    group_id: Annotated[str, typer.Option(envvar="QSCORE_WORKER_GROUP", help=(
+        "Consumer group (the offline topic uses GROUP.offline)."))] = "qscore-worker",
+    idle_exit: Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_EXIT", help=(
+        "Burst mode: exit after this many idle seconds with nothing in flight."))] = None,
+    redis_url: RedisUrl = None,
+    redis_ca_certs: RedisCaCerts = None,
+    cache_ttl: CacheTtl = 86_400.0,
+    metrics_port: MetricsPort = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run a scoring worker: token batches in, scores out (SIGTERM drains and commits)."""
+    import os
+
+    from engines.loader import load_engine
+    from qscore.aio import run
+    from qscore.cache import ResultCache
+    from qscore.engine import find_artifact
+    from workers.service import ScoringWorker, WorkerSettings
+
+    configure_logging(log_level)
+    path = find_artifact(EngineSettings(model=model, engine_dir=engine_dir, artifact=artifact))
+    per_engine = threads or max(1, (os.cpu_count() or 1) // engines)
+    loaded = [load_engine(path, threads=per_engine) for _ in range(engines)]
+    settings = WorkerSettings(
+        kafka=kafka, topics=topics, group_id=group_id,
+        batcher=BatcherSettings(max_batch=max_batch, token_budget=token_budget,
+                                max_wait_ms=max_wait_ms, capacity=queue_capacity))
+    cache = ResultCache(cache_settings(redis_url, redis_ca_certs, cache_ttl),
+                        loaded[0].manifest.version)
+
+    async def main() -> None:
+        await cache.start()
+        service = ScoringWorker(settings, loaded, cache)
+        _install_stop_signals(service.request_stop)
+        if metrics_port is not None:
+            serve_metrics(metrics_port, "qscore_worker", {
+                "worker": lambda: service.stats,
+                "online": lambda: service.online.stats,
+                "offline": lambda: service.offline.stats,
+                "cache": lambda: cache.stats,
+                "queue": lambda: {"queue_depth": service.batcher.depth(),
+                                  "busy_slots": service.pool.busy()},
+            })
+        await service.start()
+        try:
+            await service.run(idle_exit_s=idle_exit)
+        finally:
+            await service.stop()
+            await cache.close()
+            s = service.stats
+            err.print(f"worker done: {s.messages} messages, {s.items} items, {s.batches} "
+                      f"engine calls (mean batch {s.mean_batch_size:.1f}), cache hits served "
+                      f"upstream, {service.online.stats.dead_letters} dead letters")
+
+    run(main())
+
+
+def up(
+    artifact: Artifact = None,
+    model: Model = "default",
+    engine_dir: EngineDir = _ENGINE_DIR,
+    tokenizers: Annotated[int, typer.Option(min=1, help="Tokenizer service processes.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Scoring worker processes.")] = 1,
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        envvar="QSCORE_KAFKA_BOOTSTRAP", help="Use this Kafka instead of the embedded "
+        "broker.")] = None,
+    redis_url: RedisUrl = None,
+    no_redis: Annotated[bool, typer.Option(help="Do not start redis-server; use each "
+                                           "service's in-process cache.")] = False,
+    topic_prefix: Annotated[str, typer.Option(envvar="QSCORE_TOPIC_PREFIX")] = "qscore",
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions per topic.")] = 4,
+) -> None:
+    """Run a whole local fleet: broker (embedded unless --bootstrap-servers), redis-server (if
+    installed), tokenizer and scoring workers. Ctrl-C stops it all, draining first."""
+    from qscore.engine import find_artifact
+    from qscore.fleet import FleetSpec, LocalFleet
+
+    configure_logging("warning")
+    with err.status("preparing the engine"):
+        path = find_artifact(EngineSettings(model=model, engine_dir=engine_dir,
+                                            artifact=artifact))
+    spec = FleetSpec(artifact=path, tokenizers=tokenizers, workers=workers,
+                     bootstrap_servers=bootstrap_servers, redis_url=redis_url,
+                     use_redis=not no_redis, topic_prefix=topic_prefix, partitions=partitions)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with err.status("starting the fleet"):
+        fleet = LocalFleet(spec).start()
+    try:
+        flags = f"--bootstrap-servers {fleet.bootstrap_servers} --topic-prefix {topic_prefix}"
+        err.print(Panel.fit(
+            f"broker      {fleet.bootstrap_servers}"
+            f"{' (embedded)' if fleet.broker else ''}\n"
+            f"cache       {fleet.redis_url or 'in-process (no redis-server)'}\n"
+            f"services    {tokenizers} tokenizer, {workers} worker  (logs: {fleet.workdir})\n"
+            f"publish     qscore publish QUERIES.jsonl {flags}\n"
+            f"read        qscore consume {flags}",
+            title="qscore fleet is up", border_style="green"))
+        while not stopping:
+            for proc in fleet.processes():
+                if proc.poll() is not None:
+                    err.print(f"[red]{proc.name} exited ({proc.poll()}):[/]\n{proc.log_tail()}")
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        with err.status("stopping (draining in-flight work)"):
+            fleet.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(kafka_command(worker))
+    app.command()(up)

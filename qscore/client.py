@@ -1,0 +1,391 @@
+"""Client API for producers and consumers of the fleet.
+
+    async with QueryProducer(settings, topics) as producer, \\
+               ScoreConsumer(settings, topics) as consumer:
+        sent = await producer.send_and_wait([QueryItem("q1", "red shoes", ("...",))])
+        scores = await consumer.wait_for(sent.batch_id, sent.item_ids, timeout=10)
+
+Delivery is at-least-once (DESIGN.md), so a ScoreBatch may arrive twice: the consumer drops
+items it has already seen. The bookkeeping (`ScoreBook`) is pure, tested without a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Self
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ConsumerStoppedError
+
+from qscore.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from schemas import (
+    DEFAULT_LIMITS,
+    ItemScore,
+    Limits,
+    Priority,
+    QueryBatch,
+    QueryItem,
+    SchemaError,
+    ScoreBatch,
+    decode_score_batch,
+    encode_query_batch,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TOPICS = Topics()
+_POLL_MS = 500  # longest a getmany waits; records end the wait as soon as they arrive
+
+
+# -- pure bookkeeping ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class ConsumerStats:
+    messages: int = 0  # Kafka records read
+    batches: int = 0  # ScoreBatches with at least one new item (or new and empty)
+    items: int = 0  # new item scores
+    duplicates: int = 0  # item scores dropped as already seen
+    undecodable: int = 0  # records skipped: not a valid ScoreBatch
+    unread_dropped: int = 0  # batches dropped from a full iteration buffer
+
+
+class Expectation:
+    """Item ids wanted per batch id, and the scores found for them so far."""
+
+    def __init__(self, expected: Mapping[str, Collection[str]]) -> None:
+        self.missing: dict[str, set[str]] = {b: set(ids) for b, ids in expected.items()}
+        self.scores: dict[str, dict[str, ItemScore]] = {b: {} for b in expected}
+
+    def offer(self, batch_id: str, items: Iterable[ItemScore]) -> None:
+        missing = self.missing.get(batch_id) or set()
+        for item in items:
+            if item.id in missing:
+                missing.discard(item.id)
+                self.scores[batch_id][item.id] = item
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.missing.values())
+
+
+class ScoresTimeout(asyncio.TimeoutError):
+    """Not every expected score arrived in time; `missing` and `received` say which did not."""
+
+    def __init__(self, expectation: Expectation, timeout: float | None) -> None:
+        self.missing = {b: ids for b, ids in expectation.missing.items() if ids}
+        self.received = expectation.scores
+        self.n_missing = sum(len(ids) for ids in self.missing.values())
+        wanted = self.n_missing + sum(len(s) for s in self.received.values())
+        example = next(iter(self.missing.items()))
+        super().__init__(
+            f"{self.n_missing} of {wanted} item scores missing after {timeout}s, in "
+            f"{len(self.missing)} of {len(self.received)} batches; e.g. batch "
+            f"{example[0]!r}: {sorted(example[1])[:5]}")
+
+
+class ScoreBook:
+    """What a consumer has seen, who waits for what, and what iteration still has to yield.
+
+    - Dedupe: scores are remembered per batch id in an LRU bounded by `remember_items` item
+      scores; an item seen again is a redelivery and is dropped. (A redelivery older than the
+      LRU passes through; they come soon after the original in practice.)
+    - Waits: an Expectation is served from remembered scores, then from new ones.
+    - Iteration: a batch nobody waits for is buffered (at most `max_unread`, oldest dropped)
+      with an opaque `ref` (its Kafka position) until iteration takes it.
+    """
+
+    def __init__(self, *, remember_items: int = 100_000, max_unread: int = 10_000) -> None:
+        if remember_items < 1 or max_unread < 1:
+            raise ValueError("remember_items and max_unread must be >= 1")
+        self.stats = ConsumerStats()
+        self._remember_items = remember_items
+        self._max_unread = max_unread
+        self._seen: OrderedDict[str, dict[str, ItemScore]] = OrderedDict()
+        self._n_seen = 0
+        self._waits: dict[str, list[Expectation]] = {}
+        self._unread: deque[tuple[ScoreBatch, Hashable]] = deque(maxlen=max_unread)
+
+    def add(self, batch: ScoreBatch, ref: Hashable = None) -> ScoreBatch | None:
+        """Record a decoded batch; returns it less already-seen items, None if nothing new."""
+        known = self._seen.pop(batch.batch_id, None)
+        is_new = known is None
+        known = self._seen[batch.batch_id] = known or {}  # (re)inserted last: most recent
+        fresh = tuple(it for it in batch.items if it.id not in known)
+        self.stats.duplicates += len(batch.items) - len(fresh)
+        if not fresh and (batch.items or not is_new):
+            return None  # wholly a redelivery (an empty batch counts once)
+        for item in fresh:
+            known[item.id] = item
+        self._n_seen += len(fresh)
+        while self._n_seen > self._remember_items and len(self._seen) > 1:  # never the newest
+            self._n_seen -= len(self._seen.popitem(last=False)[1])
+        if len(fresh) != len(batch.items):
+            batch = replace(batch, items=fresh)
+        self.stats.batches += 1
+        self.stats.items += len(fresh)
+        for wait in self._waits.get(batch.batch_id, ()):
+            wait.offer(batch.batch_id, fresh)
+        if batch.batch_id not in self._waits:
+            if len(self._unread) == self._max_unread:
+                self.stats.unread_dropped += 1  # the append below drops the oldest
+            self._unread.append((batch, ref))
+        return batch
+
+    def expect(self, expected: Mapping[str, Collection[str]]) -> Expectation:
+        """Register a wait (call `release` when done). Remembered scores count at once, and
+        buffered batches it covers leave the iteration buffer: the waiter gets them."""
+        wait = Expectation(expected)
+        for batch_id in wait.missing:
+            if (known := self._seen.get(batch_id)) is not None:
+                wait.offer(batch_id, known.values())
+            self._waits.setdefault(batch_id, []).append(wait)
+        if self._unread and any(b.batch_id in wait.missing for b, _ in self._unread):
+            self._unread = deque((e for e in self._unread if e[0].batch_id not in wait.missing),
+                                 maxlen=self._max_unread)
+        return wait
+
+    def release(self, wait: Expectation) -> None:
+        for batch_id in wait.missing:
+            if waits := [w for w in self._waits.pop(batch_id, []) if w is not wait]:
+                self._waits[batch_id] = waits
+
+    def pop_unread(self) -> tuple[ScoreBatch, Hashable] | None:
+        return self._unread.popleft() if self._unread else None
+
+    @property
+    def n_unread(self) -> int:
+        return len(self._unread)
+
+    def unread_refs(self) -> list[Hashable]:
+        return [ref for _, ref in self._unread]
+
+
+# -- Kafka clients ------------------------------------------------------------------------------
+
+class NotStarted(RuntimeError):
+    """A client used before start() or after stop()."""
+
+
+class _Lifecycle:
+    """`async with` around start()/stop(), as aiokafka clients have."""
+
+    start: Callable[[], Awaitable[None]]
+    stop: Callable[[], Awaitable[None]]
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def _start_or_close(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """start(), or close what a failed start opened (no 'unclosed client' left behind)."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class SentBatch:
+    """A QueryBatch the broker acknowledged, and where it landed."""
+
+    batch_id: str
+    item_ids: tuple[str, ...]
+    topic: str
+    partition: int
+    offset: int
+
+
+class QueryProducer(_Lifecycle):
+    """Publishes QueryBatches, keyed by batch id: online ones to `topics.queries`, offline
+    ones to `topics.queries_offline`. `producer_options`: extra AIOKafkaProducer arguments."""
+
+    def __init__(self, settings: KafkaSettings, topics: Topics = DEFAULT_TOPICS, *,
+                 limits: Limits = DEFAULT_LIMITS,
+                 producer_options: Mapping[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.limits = limits
+        self._options = dict(producer_options or {})
+        self._producer: AIOKafkaProducer | None = None  # made in start(): it needs the loop
+
+    async def start(self) -> None:
+        producer = make_producer(self.settings, **self._options)
+        await _start_or_close(producer)
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Flush what was sent, then disconnect."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def send(self, items: Sequence[QueryItem], *, batch_id: str | None = None,
+                   priority: Priority = "online",
+                   reply_topic: str | None = None) -> asyncio.Future[SentBatch]:
+        """Validate, encode and enqueue one QueryBatch; the future resolves on the broker's ack.
+
+        Raises SchemaError at once for bad input (no items, duplicate ids, over a limit, unknown
+        priority, ...), and KafkaError if the batch cannot even be enqueued (e.g. no metadata for
+        the topic within request_timeout_ms). A failed delivery fails the returned future.
+        """
+        batch = QueryBatch(batch_id=uuid.uuid4().hex if batch_id is None else batch_id,
+                           items=tuple(items), submitted_at=time.time(),
+                           reply_topic=reply_topic, priority=priority)
+        value = encode_query_batch(batch, self.limits)  # SchemaError goes to the caller
+        if self._producer is None:
+            raise NotStarted("QueryProducer is not started: call start() or use async with")
+        topic = self.topics.queries_offline if priority == "offline" else self.topics.queries
+        delivery = await self._producer.send(topic, value, key=batch.batch_id.encode())
+        item_ids = tuple(it.id for it in batch.items)
+
+        async def acked() -> SentBatch:
+            meta = await delivery
+            return SentBatch(batch.batch_id, item_ids, meta.topic, meta.partition, meta.offset)
+
+        return asyncio.ensure_future(acked())
+
+    async def send_and_wait(self, items: Sequence[QueryItem], *, batch_id: str | None = None,
+                            priority: Priority = "online",
+                            reply_topic: str | None = None) -> SentBatch:
+        return await (await self.send(items, batch_id=batch_id, priority=priority,
+                                      reply_topic=reply_topic))
+
+    async def flush(self) -> None:
+        """Wait until everything sent so far is acknowledged (or failed)."""
+        if self._producer is not None:
+            await self._producer.flush()
+
+
+class ScoreConsumer(_Lifecycle):
+    """Reads ScoreBatches from `topics.scores`, drops redelivered items, and serves both
+    iteration (`async for batch in consumer`) and waits (`wait_for`, `collect`).
+
+    group_id=None (default): every partition, no group (no join delay), no commits. With a
+    group_id: the group's share, `from_beginning` only where it has no committed offset, and
+    `commit()` saves progress. Records are fetched only while someone iterates or waits; a
+    batch fetched by a wait but wanted by none is kept for iteration. `consumer_options`: extra
+    AIOKafkaConsumer arguments (e.g. short group sessions on the embedded broker)."""
+
+    def __init__(self, settings: KafkaSettings, topics: Topics = DEFAULT_TOPICS, *,
+                 group_id: str | None = None, from_beginning: bool = True,
+                 consumer_options: Mapping[str, Any] | None = None,
+                 limits: Limits = DEFAULT_LIMITS, remember_items: int = 100_000,
+                 max_unread: int = 10_000) -> None:
+        self.topic = topics.scores
+        self.limits = limits
+        self.from_beginning = from_beginning
+        self.book = ScoreBook(remember_items=remember_items, max_unread=max_unread)
+        self._settings = settings
+        self._group_id = group_id
+        self._options = {"auto_offset_reset": "earliest" if from_beginning else "latest",
+                         **(consumer_options or {})}
+        self._consumer: AIOKafkaConsumer | None = None  # made in start(): it needs the loop
+        self._lock = asyncio.Lock()  # one fetcher at a time; the others wait for its records
+
+    @property
+    def stats(self) -> ConsumerStats:
+        return self.book.stats
+
+    async def start(self) -> None:
+        consumer = make_consumer(self._settings, self.topic, group_id=self._group_id,
+                                 **self._options)
+        await _start_or_close(consumer)
+        if not self.from_beginning:
+            # Pin "latest" now: resolved lazily, it would skip scores that arrive between
+            # start() and the first fetch (e.g. for a batch sent right after start()).
+            for tp in consumer.assignment():
+                await consumer.position(tp)
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ScoreBatch:
+        while True:
+            if (entry := self.book.pop_unread()) is not None:
+                return entry[0]
+            try:
+                await self._fetch(lambda: self.book.n_unread > 0)
+            except (ConsumerStoppedError, NotStarted):
+                raise StopAsyncIteration from None  # stopped, maybe by another task
+
+    async def wait_for(self, batch_id: str, item_ids: Collection[str],
+                       timeout: float | None) -> dict[str, ItemScore]:  # noqa: ASYNC109
+        """Scores of `item_ids` in `batch_id`, by item id, once all have arrived (from the
+        cache or an engine). Raises ScoresTimeout (an asyncio.TimeoutError) saying how many
+        are missing. Scores seen before the call count."""
+        return (await self.collect({batch_id: item_ids}, timeout))[batch_id]
+
+    async def collect(self, expected: Mapping[str, Collection[str]],
+                      timeout: float | None,  # noqa: ASYNC109 (reported in the error)
+                      ) -> dict[str, dict[str, ItemScore]]:
+        """Like wait_for, for many batches at once: {batch_id: {item_id: ItemScore}}."""
+        wait = self.book.expect(expected)
+        try:
+            async with asyncio.timeout(timeout):
+                while not wait.complete:
+                    await self._fetch(lambda: wait.complete)
+        except TimeoutError:
+            if not wait.complete:
+                raise ScoresTimeout(wait, timeout) from None
+        finally:
+            self.book.release(wait)
+        return wait.scores
+
+    async def commit(self) -> None:
+        """Commit (group consumers) everything handed out: batches still in the iteration
+        buffer hold their partition back, so they are read again after a restart."""
+        if self._group_id is None:
+            return
+        consumer = self._running()
+        positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+        for tp, offset in self.book.unread_refs():  # type: ignore[misc]
+            if tp in positions:
+                positions[tp] = min(positions[tp], offset)
+        if positions:
+            await consumer.commit(positions)
+
+    async def _fetch(self, satisfied: Callable[[], bool]) -> None:
+        """Fetch and ingest one round of records, unless `satisfied()` became true while
+        another task held the fetch (it ingested what we wanted)."""
+        async with self._lock:
+            if satisfied():
+                return
+            records = await self._running().getmany(timeout_ms=_POLL_MS)
+            for tp, messages in records.items():
+                for message in messages:
+                    self._ingest(tp, message.offset, message.value)
+
+    def _running(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise NotStarted("ScoreConsumer is not started: call start() or use async with")
+        return self._consumer
+
+    def _ingest(self, tp: TopicPartition, offset: int, value: bytes | None) -> None:
+        self.stats.messages += 1
+        try:
+            batch = decode_score_batch(value or b"", self.limits)
+        except SchemaError as exc:
+            self.stats.undecodable += 1
+            log.warning("skipping undecodable score message", topic=tp.topic,
+                        partition=tp.partition, offset=offset, error=str(exc))
+            return
+        self.book.add(batch, ref=(tp, offset))

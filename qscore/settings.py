@@ -1,0 +1,279 @@
+"""Command-line options shared by every fleet command, and the builders that turn them into
+settings objects (KafkaSettings, Topics, RedisSettings).
+
+A command either lists the annotations it needs as parameters and calls a builder once, at
+the edge:
+
+    def worker(bootstrap_servers: BootstrapServers = DEFAULT_BOOTSTRAP, ...,
+               topic_prefix: TopicPrefix = "qscore") -> None:
+        kafka = kafka_settings_from(bootstrap_servers, ...)
+        topics = topics_from(topic_prefix)
+
+or, for all the Kafka flags at once, takes the built objects and lets `kafka_command` put the
+flags in their place:
+
+    @app.command()
+    @kafka_command
+    def worker(kafka: KafkaSettings, topics: Topics, batch_size: ... = 64) -> None: ...
+
+Every option is a flag and a QSCORE_* environment variable. Secrets (the SASL password, a
+password inside the Redis URL) are best given through the environment, and are never printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+
+from qscore.kafka import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaSettings, Topics
+
+DEFAULT_BOOTSTRAP = KafkaSettings().bootstrap_servers
+DEFAULT_TOPIC_PREFIX = "qscore"
+DEFAULT_CACHE_TTL_S = 86_400.0
+
+_KAFKA = "Kafka"
+_REDIS = "Redis cache"
+
+BootstrapServers = Annotated[str, typer.Option(
+    "--bootstrap-servers", envvar="QSCORE_KAFKA_BOOTSTRAP", rich_help_panel=_KAFKA,
+    help="Kafka brokers, comma-separated host:port.")]
+SecurityProtocol = Annotated[str, typer.Option(
+    "--security-protocol", envvar="QSCORE_KAFKA_SECURITY_PROTOCOL", rich_help_panel=_KAFKA,
+    help=f"One of {', '.join(SECURITY_PROTOCOLS)}. SSL/SASL_SSL encrypt the connection; "
+    "SASL_* authenticate with --sasl-*.")]
+SaslMechanism = Annotated[str | None, typer.Option(
+    "--sasl-mechanism", envvar="QSCORE_KAFKA_SASL_MECHANISM", rich_help_panel=_KAFKA,
+    help=f"SASL mechanism for SASL_* protocols: {', '.join(SASL_MECHANISMS)}.")]
+SaslUsername = Annotated[str | None, typer.Option(
+    "--sasl-username", envvar="QSCORE_KAFKA_SASL_USERNAME", rich_help_panel=_KAFKA,
+    help="SASL user name (SASL_* protocols only).")]
+SaslPassword = Annotated[str | None, typer.Option(
+    "--sasl-password", envvar="QSCORE_KAFKA_SASL_PASSWORD", rich_help_panel=_KAFKA,
+    show_default=False, help="SASL password (SASL_* protocols only). Prefer the environment "
+    "variable: a flag shows up in `ps`. Never printed.")]
+SslCafile = Annotated[Path | None, typer.Option(
+    "--ssl-cafile", envvar="QSCORE_KAFKA_SSL_CAFILE", rich_help_panel=_KAFKA,
+    exists=True, dir_okay=False, help="PEM file of the CA that signed the brokers' "
+    "certificates (SSL/SASL_SSL; default: the system's trusted CAs).")]
+SslCertfile = Annotated[Path | None, typer.Option(
+    "--ssl-certfile", envvar="QSCORE_KAFKA_SSL_CERTFILE", rich_help_panel=_KAFKA,
+    exists=True, dir_okay=False, help="Client certificate (PEM) for mutual TLS; needs "
+    "--ssl-keyfile unless the key is in the same file.")]
+SslKeyfile = Annotated[Path | None, typer.Option(
+    "--ssl-keyfile", envvar="QSCORE_KAFKA_SSL_KEYFILE", rich_help_panel=_KAFKA,
+    exists=True, dir_okay=False, help="Private key (PEM) of --ssl-certfile.")]
+SslNoCheckHostname = Annotated[bool, typer.Option(
+    "--ssl-no-check-hostname", envvar="QSCORE_KAFKA_SSL_NO_CHECK_HOSTNAME",
+    rich_help_panel=_KAFKA, help="Accept broker certificates whose name does not match the "
+    "host (the chain is still verified). For test clusters only.")]
+FastGroups = Annotated[bool, typer.Option(
+    "--fast-groups", envvar="QSCORE_KAFKA_FAST_GROUPS", rich_help_panel=_KAFKA,
+    help="Timings for the embedded broker (qscore up, tests): 1 s consumer-group sessions "
+    "(joins take ~1 s instead of 5-20 s) and 2 ms fetch waits (it holds fetches for about "
+    "half the wait). Apache Kafka rejects sessions under 6 s.")]
+TopicPrefix = Annotated[str, typer.Option(
+    "--topic-prefix", envvar="QSCORE_TOPIC_PREFIX", rich_help_panel=_KAFKA,
+    help="Topic names are PREFIX.queries, PREFIX.queries.offline, PREFIX.tokens, "
+    "PREFIX.tokens.offline, PREFIX.scores, PREFIX.dead-letter (one fleet per prefix).")]
+
+RedisUrl = Annotated[str | None, typer.Option(
+    "--redis-url", envvar="QSCORE_REDIS_URL", rich_help_panel=_REDIS, show_default=False,
+    help="Result cache, e.g. redis://:PASSWORD@host:6379/0, or rediss://... for TLS. Unset: "
+    "no cache. Never printed with its password.")]
+RedisCaCerts = Annotated[Path | None, typer.Option(
+    "--redis-ca-certs", envvar="QSCORE_REDIS_CA_CERTS", rich_help_panel=_REDIS,
+    exists=True, dir_okay=False, help="PEM file of the CA that signed the Redis server's "
+    "certificate (rediss:// only; default: the system's trusted CAs).")]
+CacheTtl = Annotated[float, typer.Option(
+    "--cache-ttl", envvar="QSCORE_CACHE_TTL", rich_help_panel=_REDIS, min=1.0,
+    help="Seconds a cached score lives. Keys carry the model version, so a new engine never "
+    "reads an old engine's scores; the TTL only bounds memory.")]
+
+
+def kafka_settings_from(
+    bootstrap_servers: str = DEFAULT_BOOTSTRAP,
+    security_protocol: str = "PLAINTEXT",
+    sasl_mechanism: str | None = None,
+    sasl_username: str | None = None,
+    sasl_password: str | None = None,
+    ssl_cafile: Path | None = None,
+    ssl_certfile: Path | None = None,
+    ssl_keyfile: Path | None = None,
+    ssl_no_check_hostname: bool = False,
+    fast_groups: bool = False,
+    **extra: Any,
+) -> KafkaSettings:
+    """KafkaSettings from CLI options; raises typer.BadParameter naming the flags to fix.
+
+    Options that the chosen protocol would ignore are refused rather than dropped, so that a
+    typo in the protocol never silently sends credentials, or data, in the clear.
+    `extra` goes to KafkaSettings as is (client_id, linger_ms, ...).
+    """
+    protocol = security_protocol.strip().upper()
+    mechanism = sasl_mechanism.strip().upper() if sasl_mechanism else None
+    if protocol not in SECURITY_PROTOCOLS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(SECURITY_PROTOCOLS)}, not {security_protocol!r}",
+            param_hint="--security-protocol")
+    sasl_given = [flag for flag, value in (("--sasl-mechanism", mechanism),
+                                           ("--sasl-username", sasl_username),
+                                           ("--sasl-password", sasl_password)) if value]
+    if sasl_given and not protocol.startswith("SASL"):
+        raise typer.BadParameter(
+            f"{', '.join(sasl_given)} given but --security-protocol is {protocol}: use "
+            "SASL_SSL (or SASL_PLAINTEXT) to authenticate", param_hint="--security-protocol")
+    ssl_given = [flag for flag, value in (("--ssl-cafile", ssl_cafile),
+                                          ("--ssl-certfile", ssl_certfile),
+                                          ("--ssl-keyfile", ssl_keyfile),
+                                          ("--ssl-no-check-hostname", ssl_no_check_hostname))
+                 if value]
+    if ssl_given and protocol not in ("SSL", "SASL_SSL"):
+        raise typer.BadParameter(
+            f"{', '.join(ssl_given)} given but --security-protocol is {protocol}: use SSL or "
+            "SASL_SSL", param_hint="--security-protocol")
+    if ssl_keyfile and not ssl_certfile:
+        raise typer.BadParameter("needs --ssl-certfile (the certificate of this key)",
+                                 param_hint="--ssl-keyfile")
+    servers = ",".join(s.strip() for s in bootstrap_servers.split(",") if s.strip())
+    if not servers:
+        raise typer.BadParameter("is empty: give host:port[,host:port...]",
+                                 param_hint="--bootstrap-servers")
+    if protocol.startswith("SASL") and mechanism not in SASL_MECHANISMS:
+        raise typer.BadParameter(
+            f"{protocol} needs --sasl-mechanism {' | '.join(SASL_MECHANISMS)}, not {mechanism!r}",
+            param_hint="--sasl-mechanism")
+    if protocol.startswith("SASL") and not (sasl_username and sasl_password):
+        raise typer.BadParameter(
+            f"{protocol} needs --sasl-username and --sasl-password (or "
+            "QSCORE_KAFKA_SASL_PASSWORD)", param_hint="--security-protocol")
+    if fast_groups:
+        extra = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 250,
+                 "fetch_max_wait_ms": 2} | extra
+    try:
+        return KafkaSettings(
+            bootstrap_servers=servers, security_protocol=protocol, sasl_mechanism=mechanism,
+            sasl_username=sasl_username, sasl_password=sasl_password,
+            ssl_cafile=str(ssl_cafile) if ssl_cafile else None,
+            ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+            ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+            ssl_check_hostname=not ssl_no_check_hostname, **extra)
+    except ValueError as exc:  # the remaining rules live in KafkaSettings.__post_init__
+        raise typer.BadParameter(str(exc)) from None
+
+
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def topics_from(topic_prefix: str = DEFAULT_TOPIC_PREFIX) -> Topics:
+    """Topics under `topic_prefix`; BadParameter if that cannot start a Kafka topic name."""
+    if not _TOPIC_PREFIX.fullmatch(topic_prefix) or topic_prefix in (".", ".."):
+        raise typer.BadParameter(
+            f"{topic_prefix!r} is not a legal topic name prefix: use letters, digits, "
+            "'.', '_' and '-' (at most 200)", param_hint="--topic-prefix")
+    return Topics.with_prefix(topic_prefix)
+
+
+_KAFKA_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("bootstrap_servers", BootstrapServers, DEFAULT_BOOTSTRAP),
+    ("security_protocol", SecurityProtocol, "PLAINTEXT"),
+    ("sasl_mechanism", SaslMechanism, None),
+    ("sasl_username", SaslUsername, None),
+    ("sasl_password", SaslPassword, None),
+    ("ssl_cafile", SslCafile, None),
+    ("ssl_certfile", SslCertfile, None),
+    ("ssl_keyfile", SslKeyfile, None),
+    ("ssl_no_check_hostname", SslNoCheckHostname, False),
+    ("fast_groups", FastGroups, False),
+    ("topic_prefix", TopicPrefix, DEFAULT_TOPIC_PREFIX),
+)
+R = TypeVar("R")
+
+
+def kafka_command(func: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a typer command whose parameters include `kafka: KafkaSettings` and/or
+    `topics: Topics`: typer sees every Kafka flag above instead (after the command's own
+    options, in a "Kafka" help panel), and the command gets the objects built from them.
+    Put it under `@app.command()`. Bad combinations end the command with BadParameter."""
+    signature = inspect.signature(func)
+    hints = typing.get_type_hints(func, include_extras=True)  # typer needs real annotations
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in signature.parameters.values() if p.name not in ("kafka", "topics")]
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                               annotation=annotation)
+             for name, annotation, default in _KAFKA_OPTIONS]
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> R:
+        options = {name: kwargs.pop(name) for name, _, _ in _KAFKA_OPTIONS}
+        topics = topics_from(options.pop("topic_prefix"))
+        kafka = kafka_settings_from(**options)
+        if "kafka" in signature.parameters:
+            kwargs["kafka"] = kafka
+        if "topics" in signature.parameters:
+            kwargs["topics"] = topics
+        return func(**kwargs)
+
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*own, *flags], return_annotation=hints.get("return", None))
+    return command
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Where the result cache lives. `url` may carry a password: it is left out of repr."""
+
+    url: str = field(repr=False)
+    ca_certs: Path | None = None
+    ttl_s: float = DEFAULT_CACHE_TTL_S
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, for logs and error messages."""
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={self.safe_url!r}, ca_certs={self.ca_certs!r}, " \
+               f"ttl_s={self.ttl_s!r})"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `redis.asyncio.from_url(self.url, **kwargs)`."""
+        return {"ssl_ca_certs": str(self.ca_certs)} if self.ca_certs else {}
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+def redis_settings_from(redis_url: str | None, redis_ca_certs: Path | None = None,
+                        cache_ttl: float = DEFAULT_CACHE_TTL_S) -> RedisSettings | None:
+    """RedisSettings from CLI options, or None when no --redis-url (the cache is optional)."""
+    if not redis_url:
+        if redis_ca_certs:
+            raise typer.BadParameter("given without --redis-url", param_hint="--redis-ca-certs")
+        return None
+    scheme = urlsplit(redis_url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise typer.BadParameter(
+            f"must start with redis://, rediss:// (TLS) or unix://, not {redact_url(redis_url)!r}",
+            param_hint="--redis-url")
+    if redis_ca_certs and scheme != "rediss":
+        raise typer.BadParameter("needs a rediss:// (TLS) --redis-url",
+                                 param_hint="--redis-ca-certs")
+    if cache_ttl <= 0:
+        raise typer.BadParameter(f"must be > 0 seconds, not {cache_ttl}",
+                                 param_hint="--cache-ttl")
+    return RedisSettings(url=redis_url, ca_certs=redis_ca_certs, ttl_s=cache_ttl)
