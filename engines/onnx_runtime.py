@@ -34,6 +34,8 @@ class OnnxRuntimeEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if os.environ.get("QSCORE_ORT_NO_SPIN"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 str(self.path / manifest.model_file), sess_options=options,

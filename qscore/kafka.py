@@ -63,7 +63,7 @@ class KafkaSettings:
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
     max_message_bytes: int = 1_048_576
-    linger_ms: int = 2
+    linger_ms: int = 0  # send at once: batches form anyway while a request is in flight
     # How long a fetch may wait for data. Kafka answers as soon as data arrives, so this only
     # bounds idle polling; the embedded broker holds fetches for about half of it, so there
     # it is latency (250 ms at the client default of 500).

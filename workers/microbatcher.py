@@ -2,7 +2,9 @@
 
 When an engine is free, the batcher hands it what the queue holds: one sequence alone when
 idle, up to `max_batch` under load, within a padded-token budget. If the queue is shallow it
-waits up to `max_wait_ms` (from the oldest arrival) for company. Inside a window of the oldest
+waits up to `max_wait_ms` (from the oldest arrival) for company, but only while arrivals come
+faster than that (a moving average of the gaps between them): when traffic is sparse, waiting
+would only add latency, since no company is coming. Inside a window of the oldest
 sequences it picks those whose lengths are closest to the oldest one's, so a batch pads little
 and the oldest sequence is always served (no starvation).
 """
@@ -96,6 +98,8 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._space = asyncio.Condition()
         self._arrival = itertools.count()
+        self._last_submit: float | None = None
+        self.mean_gap_s = float("inf")  # moving average of the time between submits
 
     def depth(self, priority: Priority | None = None) -> int:
         if priority is not None:
@@ -115,8 +119,13 @@ class MicroBatcher:
             await self._space.wait_for(
                 lambda: not queue or len(queue) + n <= self.settings.capacity)
         loop = asyncio.get_running_loop()
-        job = Job(tb=tb, future=loop.create_future(), enqueued_at=time.perf_counter(),
-                  remaining=n)
+        now = time.perf_counter()
+        if self._last_submit is not None:
+            gap = now - self._last_submit
+            self.mean_gap_s = gap if self.mean_gap_s == float("inf") else (
+                0.8 * self.mean_gap_s + 0.2 * gap)
+        self._last_submit = now
+        job = Job(tb=tb, future=loop.create_future(), enqueued_at=now, remaining=n)
         if n == 0:
             job.future.set_result(np.empty((0,), dtype=np.float32))
             return job.future
@@ -135,7 +144,8 @@ class MicroBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if len(queue) >= s.max_batch or s.max_wait_ms == 0:
+            if (len(queue) >= s.max_batch or s.max_wait_ms == 0
+                    or self.mean_gap_s * 1000 > s.max_wait_ms):
                 break
             wait = queue[0].job.enqueued_at + s.max_wait_ms / 1000 - time.perf_counter()
             if wait <= 0:

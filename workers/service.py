@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
@@ -88,8 +88,12 @@ class ScoringWorker:
             settings.kafka, [settings.topics.tokens],
             PipelineSettings(group_id=settings.group_id, max_in_flight=settings.max_in_flight),
             name=f"{name}-online", **common)  # type: ignore[arg-type]
+        # Offline work is not latency-bound: poll its idle topic gently (a short fetch wait
+        # is pure broker CPU when nothing is there).
+        offline_kafka = replace(settings.kafka, fetch_max_wait_ms=max(
+            settings.kafka.fetch_max_wait_ms, 100))
         self.offline = RecordPipeline(
-            settings.kafka, [settings.topics.tokens_offline],
+            offline_kafka, [settings.topics.tokens_offline],
             PipelineSettings(group_id=f"{settings.group_id}.offline",
                              max_in_flight=settings.max_in_flight_offline),
             name=f"{name}-offline", **common)  # type: ignore[arg-type]

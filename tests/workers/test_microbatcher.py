@@ -22,11 +22,21 @@ def _tb(lengths: list[int], batch_id: str = "b") -> TokenBatch:
         truncated=np.zeros(len(lengths), dtype=bool), submitted_at=0.0)
 
 
-async def test_idle_request_runs_alone_after_max_wait() -> None:
-    batcher = MicroBatcher(BatcherSettings(max_batch=32, max_wait_ms=5))
+async def test_idle_request_runs_alone_at_once() -> None:
+    # Sparse traffic: no company is coming, so waiting max_wait_ms would only add latency.
+    batcher = MicroBatcher(BatcherSettings(max_batch=32, max_wait_ms=60_000))
     await batcher.submit(_tb([7]))
     batch = await asyncio.wait_for(batcher.next_batch(), 1)
     assert batch.size == 1 and batcher.depth() == 0
+
+
+async def test_frequent_arrivals_wait_at_most_max_wait() -> None:
+    batcher = MicroBatcher(BatcherSettings(max_batch=32, max_wait_ms=5))
+    for _ in range(3):  # back-to-back arrivals: company is likely, so it waits (briefly)
+        await batcher.submit(_tb([7]))
+    assert batcher.mean_gap_s * 1000 < 5
+    first = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert first.size == 3 and first.oldest_wait_s() >= 0.005
 
 
 async def test_deep_queue_gives_full_batches_without_waiting() -> None:
@@ -38,11 +48,13 @@ async def test_deep_queue_gives_full_batches_without_waiting() -> None:
 
 async def test_shallow_queue_waits_for_company_then_takes_it() -> None:
     batcher = MicroBatcher(BatcherSettings(max_batch=4, max_wait_ms=10_000))
-    await batcher.submit(_tb([5]))
+    await batcher.submit(_tb([5], "a0"))
+    await batcher.submit(_tb([5], "a1"))  # traffic is frequent: worth waiting for company
+    await batcher.submit(_tb([5], "a2"))
     pending = asyncio.create_task(batcher.next_batch())
     await asyncio.sleep(0)  # let it start waiting: the arrival below is what releases it
     assert not pending.done()
-    await batcher.submit(_tb([5, 5, 5], "c"))
+    await batcher.submit(_tb([5], "c"))
     batch = await asyncio.wait_for(pending, 1)
     assert batch.size == 4
 
