@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import load_queries, machine, markdown_table, percentiles, write_section
 
 
-def bare_engine(path: Path, queries: list[str], max_batch: int) -> tuple[float, float]:
+def bare_engine(path: Path, queries: list[str], max_batch: int,
+                per_message: int) -> tuple[float, float]:
     """Engine alone on the same real queries: items/s at full batches (the ceiling), and the
     time of one call the size of one message (the low-load latency floor)."""
     from engines.loader import load_engine
@@ -47,10 +48,40 @@ def bare_engine(path: Path, queries: list[str], max_batch: int) -> tuple[float, 
         run_token_batch(engine, tok.token_batch("b", items[i:i + window], submitted_at=0),
                         limits)
     capacity = len(items) / (time.perf_counter() - started)
-    small = [run_token_batch(engine, tok.token_batch("s", items[i:i + 4], submitted_at=0),
-                             limits).batch_ms[0] for i in range(0, 400, 4)]
+    small = [run_token_batch(engine, tok.token_batch("s", items[i:i + per_message],
+                                                     submitted_at=0), limits).batch_ms[0]
+             for i in range(0, 100 * per_message, per_message)]
     engine.close()
     return capacity, float(np.median(small))
+
+
+async def broker_hop_ms(bootstrap: str, topic: str, n: int = 50) -> float:
+    """Median publish -> fetched time of one small message: what each Kafka hop costs here,
+    with the same client settings the fleet uses on the embedded broker."""
+    from aiokafka import AIOKafkaConsumer
+
+    from qscore.kafka import KafkaSettings, make_producer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="latest", fetch_max_wait_ms=2)
+    await consumer.start()
+    await consumer.seek_to_end()
+    for tp in consumer.assignment():
+        await consumer.position(tp)
+    producer = make_producer(KafkaSettings(bootstrap_servers=bootstrap))
+    await producer.start()
+    times = []
+    try:
+        for i in range(n):
+            started = time.perf_counter()
+            await producer.send_and_wait(topic, b"x", key=str(i).encode())
+            while not await consumer.getmany(timeout_ms=1000):
+                pass
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return float(np.median(times))
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -144,7 +175,8 @@ def main() -> None:
     queries, source_name = load_queries(args.queries)
     path = find_artifact(EngineSettings())
     source = resolve_model("default")
-    capacity, small_call_ms = bare_engine(path, queries[:2000], args.max_batch)
+    capacity, small_call_ms = bare_engine(path, queries[:2000], args.max_batch,
+                                          args.items_per_message)
     print(f"bare engine: {capacity:,.0f} items/s at batch {args.max_batch}; "
           f"one {args.items_per_message}-query call {small_call_ms:.1f} ms")
 
@@ -158,6 +190,8 @@ def main() -> None:
         topics = Topics.with_prefix(f"bench-{uuid.uuid4().hex[:6]}")
         asyncio.run(ensure_topics(KafkaSettings(bootstrap_servers=broker.bootstrap_servers),
                                   topics.all(), partitions=4))
+        hop_ms = asyncio.run(broker_hop_ms(broker.bootstrap_servers, topics.dead_letter))
+        print(f"one broker hop (publish -> fetched): {hop_ms:.1f} ms")
         port = free_port()
         log = Path("/tmp") / f"qscore-bench-worker-{port}.log"
         worker = ServiceProcess("worker", [
@@ -201,7 +235,9 @@ def main() -> None:
         "reads the scores back. Latency: publish -> ScoreBatch received. All on the same 2 "
         "cores, so broker and bench compete with the engine.\n\n"
         f"Bare engine in the same run: **{capacity:,.0f} items/s** (batch {args.max_batch}, "
-        f"length-sorted windows of 512); one {k}-query call: {small_call_ms:.1f} ms.\n\n"
+        f"length-sorted windows of 512); one {k}-query call: {small_call_ms:.1f} ms; one "
+        f"broker hop (publish -> fetched, a {hop_ms:.1f} ms median) is paid twice per request "
+        "(tokens in, scores out).\n\n"
         f"{table}\n\n"
         f"Command: `.venv/bin/python bench/batching.py --step-seconds {args.step_seconds:g} "
         f"--items-per-message {k}`\n")

@@ -124,9 +124,10 @@ def worker(
             await service.stop()
             await cache.close()
             s = service.stats
+            dead = service.online.stats.dead_letters + service.offline.stats.dead_letters
             err.print(f"worker done: {s.messages} messages, {s.items} items, {s.batches} "
-                      f"engine calls (mean batch {s.mean_batch_size:.1f}), cache hits served "
-                      f"upstream, {service.online.stats.dead_letters} dead letters")
+                      f"engine calls (mean batch {s.mean_batch_size:.1f}), {s.cache_writes} "
+                      f"cache writes, {dead} dead letters", soft_wrap=True)
 
     run(main())
 

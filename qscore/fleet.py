@@ -38,6 +38,9 @@ class ServiceProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "qscore", *self.args], stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Own session: a terminal's Ctrl-C reaches only `qscore up`, which then stops
+            # services before the broker and cache they drain into.
+            start_new_session=True,
             env={**os.environ, "QSCORE_LOG_LEVEL": "info", **self.env})
         return self
 

@@ -155,6 +155,7 @@ class _LocalServer:
             self._command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "NO_COLOR": "1"},  # plain log lines for error messages
+            start_new_session=True,  # a terminal's Ctrl-C must not kill it under its clients
         )
 
     def _terminate(self, timeout: float = 5.0) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 
 from qscore.kafka import KafkaSettings, make_consumer, make_producer
 from qscore.offsets import OffsetTracker
@@ -172,6 +173,12 @@ class RecordPipeline:
                 await handler(record)
             except asyncio.CancelledError:
                 raise
+            except KafkaError as exc:
+                # The broker did not take this record's outputs (aiokafka has retried already):
+                # not the record's fault, so no dead letter. It stays unfinished, nothing is
+                # committed past it, and the service stops; a restart redelivers it.
+                self._fail(exc)
+                return
             except Exception as exc:  # any failure of one record: dead-letter it, move on
                 try:
                     await self.dead_letter(record, exc)
