@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 SAMPLE := qscore/data/sample_queries.jsonl
 OUT := out
 
-.PHONY: setup demo test lint bench-cpu clean
+.PHONY: setup demo test lint bench-cpu bench-fleet clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ lint: setup
 
 bench-cpu: setup
 	$(BIN)/python bench/engine_cpu.py
+
+bench-fleet: setup
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/cache.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
