@@ -24,8 +24,9 @@ from rich.table import Table
 from rich.text import Text
 
 from engines.errors import EngineError
-from qscore.config import DEFAULT_CHUNK_ITEMS, EngineSettings, RescoreSettings, default_home
+from qscore.config import DEFAULT_CHUNK_ITEMS, EngineSettings, RescoreSettings
 from qscore.logs import configure_logging
+from qscore.settings import DEFAULT_ENGINE_DIR, EngineArtifact, EngineDir, EngineModel, LogLevel
 from schemas import Limits
 from workers.scoring import BatchLimits
 
@@ -37,16 +38,7 @@ err = Console(stderr=True)
 
 _DEFAULT = Limits()
 _BATCH = BatchLimits()
-_ENGINE_DIR = default_home() / "engines"
 
-Model = Annotated[str, typer.Option(
-    envvar="QSCORE_MODEL", help="'default' (all-MiniLM-L6-v2, shipped offline) or a Hugging "
-    "Face model directory.")]
-EngineDir = Annotated[Path, typer.Option(
-    envvar="QSCORE_ENGINE_DIR", help="Where built engines are cached.")]
-Artifact = Annotated[Path | None, typer.Option(
-    "--engine", envvar="QSCORE_ENGINE", help="Use this engine artifact directory instead of "
-    "building one from --model.")]
 Head = Annotated[str | None, typer.Option(
     envvar="QSCORE_HEAD", help="similarity | classifier (default: from the model's config).")]
 MaxLength = Annotated[int | None, typer.Option(
@@ -54,7 +46,6 @@ MaxLength = Annotated[int | None, typer.Option(
     "truncated and counted (default: the model's).")]
 Threads = Annotated[int | None, typer.Option(
     envvar="QSCORE_THREADS", min=1, help="Engine threads (default: all cores).")]
-LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
 
 
 def _engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: str | None,
@@ -79,9 +70,9 @@ def rescore(
         "transparently."))],
     output: Annotated[Path, typer.Option("--output", "-o", help=(
         "Scores as JSONL, in input order. Bad lines go to OUTPUT.rejected.jsonl."))],
-    model: Model = "default",
-    engine_dir: EngineDir = _ENGINE_DIR,
-    artifact: Artifact = None,
+    model: EngineModel = "default",
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+    artifact: EngineArtifact = None,
     head: Head = None,
     max_length: MaxLength = None,
     threads: Threads = None,
@@ -163,8 +154,8 @@ def _print_summary(summary: dict[str, object]) -> None:
 
 @engine_app.command("build")
 def engine_build(
-    model: Model = "default",
-    engine_dir: EngineDir = _ENGINE_DIR,
+    model: EngineModel = "default",
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
     head: Head = None,
     max_length: MaxLength = None,
     rebuild: Annotated[bool, typer.Option(help="Build even if an intact one is cached.")]

@@ -12,32 +12,36 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from qscore.cli_worker import (
-    Artifact,
-    EngineDir,
-    LogLevel,
-    MetricsPort,
-    Model,
-    cache_settings,
-)
-from qscore.config import EngineSettings, default_home
+from qscore.cli_worker import cache_settings
+from qscore.config import EngineSettings
 from qscore.kafka import KafkaSettings, Topics
 from qscore.logs import configure_logging
-from qscore.settings import CacheTtl, RedisCaCerts, RedisUrl, kafka_command
+from qscore.settings import (
+    DEFAULT_ENGINE_DIR,
+    CacheTtl,
+    EngineArtifact,
+    EngineDir,
+    EngineModel,
+    IdleExit,
+    LogLevel,
+    MetricsPort,
+    RedisCaCerts,
+    RedisUrl,
+    kafka_command,
+)
 
 if TYPE_CHECKING:  # the service (numpy, tokenizers, ...) is imported only to run, not for --help
     from tokenizer_svc.service import TokenizerServiceSettings
 
 err = Console(stderr=True)
-_ENGINE_DIR = default_home() / "engines"
 
 
 def tokenizer(
     kafka: KafkaSettings,
     topics: Topics,
-    artifact: Artifact = None,
-    model: Model = "default",
-    engine_dir: EngineDir = _ENGINE_DIR,
+    artifact: EngineArtifact = None,
+    model: EngineModel = "default",
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
     processes: Annotated[int, typer.Option(envvar="QSCORE_TOKENIZER_PROCESSES", min=1, help=(
         "Tokenizer processes (decode, cache keys, tokenize, pack). About one per core."))] = 2,
     group_id: Annotated[str, typer.Option(envvar="QSCORE_TOKENIZER_GROUP", help=(
@@ -48,8 +52,7 @@ def tokenizer(
     tokenize_chunk: Annotated[int, typer.Option(envvar="QSCORE_TOKENIZE_CHUNK", min=1, help=(
         "Items per tokenizer call: a large batch is cut into chunks tokenized in "
         "parallel."))] = 256,
-    idle_exit: Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_EXIT", help=(
-        "Burst mode: exit after this many idle seconds with nothing in flight."))] = None,
+    idle_exit: IdleExit = None,
     redis_url: RedisUrl = None,
     redis_ca_certs: RedisCaCerts = None,
     cache_ttl: CacheTtl = 86_400.0,

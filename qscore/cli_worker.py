@@ -13,28 +13,28 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from qscore.config import EngineSettings, default_home
+from qscore.config import EngineSettings
 from qscore.kafka import KafkaSettings, Topics
 from qscore.logs import configure_logging
 from qscore.metrics import serve_metrics
-from qscore.settings import CacheTtl, RedisCaCerts, RedisUrl, kafka_command, redis_settings_from
+from qscore.settings import (
+    DEFAULT_ENGINE_DIR,
+    CacheTtl,
+    EngineArtifact,
+    EngineDir,
+    EngineModel,
+    IdleExit,
+    LogLevel,
+    MetricsPort,
+    RedisCaCerts,
+    RedisUrl,
+    kafka_command,
+    redis_settings_from,
+)
 from workers.microbatcher import BatcherSettings
 
 err = Console(stderr=True)
 _B = BatcherSettings()
-_ENGINE_DIR = default_home() / "engines"
-
-Artifact = Annotated[Path | None, typer.Option(
-    "--engine", envvar="QSCORE_ENGINE", help="Engine artifact directory (default: build or "
-    "find the one for --model).")]
-Model = Annotated[str, typer.Option(envvar="QSCORE_MODEL", help="'default' or a Hugging Face "
-                                    "model directory, when no --engine is given.")]
-EngineDir = Annotated[Path, typer.Option(envvar="QSCORE_ENGINE_DIR",
-                                         help="Where built engines are cached.")]
-LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
-MetricsPort = Annotated[int | None, typer.Option(envvar="QSCORE_METRICS_PORT", help=(
-    "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."))]
-
 
 def cache_settings(redis_url: str | None, redis_ca_certs: Path | None, cache_ttl: float,
                    *, local_only: bool = False):  # type: ignore[no-untyped-def]
@@ -57,9 +57,9 @@ def _install_stop_signals(stop: Callable[[], None]) -> None:
 def worker(
     kafka: KafkaSettings,
     topics: Topics,
-    artifact: Artifact = None,
-    model: Model = "default",
-    engine_dir: EngineDir = _ENGINE_DIR,
+    artifact: EngineArtifact = None,
+    model: EngineModel = "default",
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
     engines: Annotated[int, typer.Option(envvar="QSCORE_ENGINES", min=1, help=(
         "Engine instances (slots). CPU: ONNX Runtime sessions; with 2+ the next batch is "
         "formed while one runs."))] = 1,
@@ -76,8 +76,7 @@ def worker(
     = _B.capacity,
     group_id: Annotated[str, typer.Option(envvar="QSCORE_WORKER_GROUP", help=(
         "Consumer group (the offline topic uses GROUP.offline)."))] = "qscore-worker",
-    idle_exit: Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_EXIT", help=(
-        "Burst mode: exit after this many idle seconds with nothing in flight."))] = None,
+    idle_exit: IdleExit = None,
     redis_url: RedisUrl = None,
     redis_ca_certs: RedisCaCerts = None,
     cache_ttl: CacheTtl = 86_400.0,
@@ -133,9 +132,9 @@ def worker(
 
 
 def up(
-    artifact: Artifact = None,
-    model: Model = "default",
-    engine_dir: EngineDir = _ENGINE_DIR,
+    artifact: EngineArtifact = None,
+    model: EngineModel = "default",
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
     tokenizers: Annotated[int, typer.Option(min=1, help="Tokenizer service processes.")] = 1,
     workers: Annotated[int, typer.Option(min=1, help="Scoring worker processes.")] = 1,
     bootstrap_servers: Annotated[str | None, typer.Option(

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
+from qscore.config import default_home
 from qscore.kafka import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaSettings, Topics
 
 DEFAULT_BOOTSTRAP = KafkaSettings().bootstrap_servers
@@ -97,6 +98,25 @@ CacheTtl = Annotated[float, typer.Option(
     "--cache-ttl", envvar="QSCORE_CACHE_TTL", rich_help_panel=_REDIS, min=1.0,
     help="Seconds a cached score lives. Keys carry the model version, so a new engine never "
     "reads an old engine's scores; the TTL only bounds memory.")]
+
+
+# -- options every command that loads an engine or runs a service shares ---------------------
+
+DEFAULT_ENGINE_DIR = default_home() / "engines"
+
+EngineModel = Annotated[str, typer.Option(
+    "--model", envvar="QSCORE_MODEL", help="'default' (all-MiniLM-L6-v2, shipped offline) or "
+    "a Hugging Face model directory; used when no --engine is given.")]
+EngineArtifact = Annotated[Path | None, typer.Option(
+    "--engine", envvar="QSCORE_ENGINE", help="Use this engine artifact directory instead of "
+    "building (or finding) the one for --model.")]
+EngineDir = Annotated[Path, typer.Option(
+    "--engine-dir", envvar="QSCORE_ENGINE_DIR", help="Where built engines are cached.")]
+LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
+MetricsPort = Annotated[int | None, typer.Option(envvar="QSCORE_METRICS_PORT", help=(
+    "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."))]
+IdleExit = Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_EXIT", help=(
+    "Burst mode: exit after this many idle seconds with nothing in flight."))]
 
 
 def kafka_settings_from(
