@@ -88,6 +88,8 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
         await producer.send_and_wait(topics.tokens_offline,
                                      encode_token_batch(token_batches[5]), key=b"b5")
         await producer.send_and_wait(topics.tokens, b"\x00 not a token batch", key=b"poison")
+        truncated = encode_token_batch(token_batches[0])[:-7]
+        await producer.send_and_wait(topics.tokens, truncated, key=b"truncated")
     finally:
         await producer.stop()
 
@@ -114,7 +116,7 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
             if want.embedding is not None:
                 np.testing.assert_allclose(got.embedding, want.embedding, atol=1e-5)
     assert worker.stats.messages == 6 and worker.stats.batches >= 1
-    assert worker.online.stats.dead_letters == 1
+    assert worker.online.stats.dead_letters == 2
 
     # Write-through: every unit is in Redis under the tokenizer's digests.
     fresh = ResultCache(CacheSettings(redis_url=redis_url, local_entries=0),
@@ -127,9 +129,11 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
     a_doc0 = decode_floats(values[1])  # sequences: a's query, a's doc 0, a's doc 1, ...
     assert a_doc0[0] == pytest.approx(expected[0].scores[0], abs=1e-5)
 
-    (letter,) = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
-                                                               topics.dead_letter, 1)]
-    assert letter.stage == "score" and letter.original == b"\x00 not a token batch"
+    letters = {bytes(d.original): d for d in (decode_dead_letter(v) for v in await read_all(
+        kafka_bootstrap, topics.dead_letter, 2))}
+    assert set(letters) == {b"\x00 not a token batch", truncated}
+    assert all(d.stage == "score" for d in letters.values())
+    assert letters[truncated].error_rule == "length"  # says what was wrong with it
 
     # Every offset, the poison message's included, is committed.
     check = make_consumer(kafka(kafka_bootstrap), group_id=f"{topic_name}-w")
@@ -137,6 +141,6 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
     try:
         committed = [await check.committed(TopicPartition(topics.tokens, p)) or 0
                      for p in range(2)]
-        assert sum(committed) == 6  # 5 token batches + 1 poison message
+        assert sum(committed) == 7  # 5 token batches + 2 poison messages
     finally:
         await check.stop()
