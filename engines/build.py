@@ -14,7 +14,15 @@ import numpy as np
 import orjson
 
 from engines.errors import ArtifactError, BuildError
-from engines.manifest import Manifest, hash_files, list_files, verify_artifact, write_manifest
+from engines.manifest import (
+    Manifest,
+    estimate_memory_bytes,
+    hash_files,
+    list_files,
+    verify_artifact,
+    write_manifest,
+)
+from engines.registry import EngineRegistry, model_dir
 from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource
 
 BUILD_FORMAT = 1  # bump when export/optimise changes what an artifact contains
@@ -46,7 +54,7 @@ def content_hash(source: ModelSource, precision: str, backend: str) -> str:
 
 
 def artifact_dir(root: Path, model_id: str, version: str) -> Path:
-    return root / model_id.replace("/", "--") / version
+    return model_dir(root, model_id) / version
 
 
 def ensure_engine(
@@ -57,7 +65,10 @@ def ensure_engine(
     rebuild: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Return the artifact for `source`, building it if no intact one exists."""
+    """Return the artifact for `source`, building it if no intact one exists.
+
+    The first version of a model in `root` is promoted to its registry `current`; later ones
+    wait for an explicit `EngineRegistry.promote` (qscore engine promote)."""
     if precision not in PRECISIONS:
         raise BuildError(f"precision {precision!r} not supported yet; choose {PRECISIONS}")
     full = content_hash(source, precision, "onnxruntime")
@@ -65,10 +76,14 @@ def ensure_engine(
     if target.exists() and not rebuild:
         try:
             verify_artifact(target)
-            return target
         except ArtifactError as exc:
             (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
-    return _build(source, root, target, full, precision, progress or _quiet)
+        else:
+            EngineRegistry(root).promote_first(source.model_id, target.name)
+            return target
+    target = _build(source, root, target, full, precision, progress or _quiet)
+    EngineRegistry(root).promote_first(source.model_id, target.name)
+    return target
 
 
 def _quiet(_: str) -> None:
@@ -109,6 +124,9 @@ def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precis
             tokenizer_id=tokenizer_id_of(work / "tokenizer" / "tokenizer.json"),
             files=hash_files(work, list_files(work)), created_at=time.time(),
             num_labels=source.num_labels, positive_label=source.positive_label,
+            memory_bytes=estimate_memory_bytes(
+                (work / "model.onnx").stat().st_size, max_length=source.max_length,
+                hidden_size=source.hidden_size, num_layers=source.num_layers),
             build={"fused_ops": fused, "onnx": onnx.__version__,
                    "onnxruntime": onnxruntime.__version__, "opset": 17},
         )

@@ -22,3 +22,7 @@ class BackendUnavailable(EngineError):
 
 class BuildError(EngineError):
     """Exporting or optimising a model failed, or the result failed its accuracy check."""
+
+
+class RegistryError(EngineError):
+    """A registry request names a model or version that is not there, or may not be done."""

@@ -26,6 +26,8 @@ from engines.errors import ArtifactError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
+WORKSPACE_BATCH = 64  # the largest micro-batch a worker forms (workers.scoring.BatchLimits)
+WORKSPACE_FACTOR = 2
 
 Head = Literal["similarity", "classifier"]
 HEADS: tuple[str, ...] = ("similarity", "classifier")
@@ -54,6 +56,9 @@ class Manifest:
     positive_label: int | None = None
     build: dict[str, Any] = field(default_factory=dict)  # tool versions, optimiser stats
     accuracy: dict[str, Any] = field(default_factory=dict)  # build-time check vs PyTorch
+    # Weights + activation workspace (estimate_memory_bytes) so a loader can check free memory
+    # before it loads; 0 = unknown (manifests written before the field existed).
+    memory_bytes: int = 0
     format_version: int = FORMAT_VERSION
 
     @property
@@ -84,6 +89,21 @@ class Manifest:
         if manifest.head not in HEADS:
             raise ArtifactError(where, f"unknown head {manifest.head!r} in manifest")
         return manifest
+
+
+def estimate_memory_bytes(weights_bytes: int, *, max_length: int, hidden_size: int,
+                          num_layers: int) -> int:
+    """Memory an engine needs loaded and running its largest batch, as an upper estimate::
+
+        weights_bytes + WORKSPACE_BATCH x max_length x hidden_size x num_layers x 4 B x 2
+
+    The second term is fp32 hidden states for a full batch in every layer; x2 covers what is
+    live on top of them (the 4 x hidden FFN intermediate, attention scores). Runtimes free a
+    layer's activations before the next, so summing over layers already over-counts: better to
+    refuse a load that would fit than to start one that OOMs while another version is resident.
+    """
+    workspace = WORKSPACE_BATCH * max_length * hidden_size * num_layers * 4 * WORKSPACE_FACTOR
+    return int(weights_bytes) + workspace
 
 
 def sha256_file(path: Path) -> str:

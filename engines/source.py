@@ -28,6 +28,7 @@ class ModelSource:
     hidden_size: int
     num_labels: int | None = None
     positive_label: int | None = None
+    num_layers: int = 0  # transformer layers; sizes the manifest's memory estimate
 
 
 def default_model_path() -> Path:
@@ -89,4 +90,5 @@ def resolve_model(
         hidden_size=int(config["hidden_size"]),
         num_labels=num_labels,
         positive_label=positive_label if head == "classifier" else None,
+        num_layers=int(config.get("num_hidden_layers", 0)),
     )

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engines.errors import EngineError
+from engines.registry import EngineRegistry
 from qscore.config import DEFAULT_CHUNK_ITEMS, EngineSettings, RescoreSettings
 from qscore.logs import configure_logging
 from qscore.settings import DEFAULT_ENGINE_DIR, EngineArtifact, EngineDir, EngineModel, LogLevel
@@ -44,6 +45,7 @@ Head = Annotated[str | None, typer.Option(
 MaxLength = Annotated[int | None, typer.Option(
     envvar="QSCORE_MAX_LENGTH", min=2, help="Max tokens per sequence; longer ones are "
     "truncated and counted (default: the model's).")]
+Smoke = Annotated[bool, typer.Option(help="Also load the engine and run one inference.")]
 Threads = Annotated[int | None, typer.Option(
     envvar="QSCORE_THREADS", min=1, help="Engine threads (default: all cores).")]
 
@@ -162,40 +164,140 @@ def engine_build(
     = False,
     log_level: LogLevel = "warning",
 ) -> None:
-    """Export, optimise and check an engine; print its artifact directory."""
-    from qscore.engine import open_engine
+    """Export, optimise and check an engine; print its artifact directory.
+
+    The first version of a model is promoted to current; later ones wait for `promote`."""
+    from engines.build import ensure_engine
+    from engines.loader import load_engine
+    from engines.registry import EngineRegistry
+    from engines.source import resolve_model
 
     configure_logging(log_level)
+    settings = _engine_settings(model, engine_dir, None, head, max_length, None, rebuild)
     try:
+        # Straight to ensure_engine, not find_artifact: building must not stop at `current`.
+        source = resolve_model(settings.model, head=settings.head,
+                               max_length=settings.max_length)
         with err.status("building the engine") as status:
-            engine, _ = open_engine(
-                _engine_settings(model, engine_dir, None, head, max_length, None, rebuild),
-                progress=status.update)
+            path = ensure_engine(source, engine_dir, rebuild=rebuild, progress=status.update)
+            engine = load_engine(path, threads=1)
+        current = EngineRegistry(engine_dir).current(source.model_id)
     except (EngineError, OSError, ValueError) as exc:
         _fail(exc)
     m = engine.manifest
     err.print(f"engine {m.model_id} {m.version} ({m.backend} {m.precision}, {m.head} head, "
               f"max_length {m.max_length}) accuracy vs PyTorch: {m.accuracy}")
+    if current != m.version:
+        err.print(f"current is {current}; serve this one with: qscore engine promote "
+                  f"{m.model_id} {m.version}")
     print(engine.path)
 
 
 @engine_app.command("verify")
 def engine_verify(
     artifact: Annotated[Path, typer.Argument(help="Engine artifact directory.")],
-    smoke: Annotated[bool, typer.Option(help="Also load it and run one inference.")] = True,
+    smoke: Smoke = True,
 ) -> None:
     """Check an artifact's manifest and every file's checksum (exit 2 on any problem)."""
-    from engines.loader import load_engine
-    from engines.manifest import verify_artifact
+    from engines.registry import EngineRegistry
 
     try:
-        manifest = verify_artifact(artifact)
-        if smoke:
-            load_engine(artifact, verify=False).health()
+        manifest = EngineRegistry.verify(artifact, smoke=smoke)
     except (EngineError, OSError) as exc:
         _fail(exc)
     err.print(f"[green]ok[/] {manifest.model_id} {manifest.version}: "
               f"{len(manifest.files)} files verified" + (", inference ok" if smoke else ""))
+
+
+# -- the registry: versions under --engine-dir, and which one each model serves -------------
+
+ModelId = Annotated[str, typer.Argument(
+    help="Model id as in the manifest, e.g. sentence-transformers/all-MiniLM-L6-v2 "
+    "('default' for that one).", show_default=False)]
+Version = Annotated[str, typer.Argument(help="Version (short content hash).",
+                                        show_default=False)]
+
+
+def _registry(engine_dir: Path) -> EngineRegistry:
+    return EngineRegistry(engine_dir)
+
+
+def _model_id(model_id: str) -> str:
+    from engines.source import DEFAULT_MODEL, DEFAULT_MODEL_ID
+
+    return DEFAULT_MODEL_ID if model_id == DEFAULT_MODEL else model_id
+
+
+@engine_app.command("list")
+def engine_list(
+    model_id: Annotated[str | None, typer.Argument(
+        help="Only this model's versions.", show_default=False)] = None,
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """List engine versions, oldest first per model; `*` marks each model's current one."""
+    entries = _registry(engine_dir).list(_model_id(model_id) if model_id else None)
+    if json:
+        for entry in entries:
+            sys.stdout.write(orjson.dumps(entry.as_dict()).decode() + "\n")
+        return
+    table = Table("", "model", "version", "head", "backend", "precision", "max len",
+                  "memory MB", "problem", title=f"engines in {engine_dir}")
+    for e in entries:
+        m = e.manifest
+        table.add_row("*" if e.current else "", e.model_id, e.version,
+                      *((m.head, m.backend, m.precision, str(m.max_length),
+                         f"{m.memory_bytes / 1e6:,.0f}" if m.memory_bytes else "?", "")
+                        if m else ("", "", "", "", "", e.problem or "")))
+    Console(width=160).print(table)
+
+
+@engine_app.command("show")
+def engine_show(
+    model_id: ModelId,
+    version: Annotated[str | None, typer.Argument(
+        help="Version (default: the current one).", show_default=False)] = None,
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+) -> None:
+    """Print a version's manifest as JSON (default: the model's current version)."""
+    try:
+        manifest = _registry(engine_dir).show(_model_id(model_id), version)
+    except EngineError as exc:
+        _fail(exc)
+    sys.stdout.write(manifest.to_json().decode() + "\n")
+
+
+@engine_app.command("promote")
+def engine_promote(
+    model_id: ModelId,
+    version: Version,
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+    smoke: Smoke = True,
+) -> None:
+    """Make VERSION the model's current engine, once it verifies (atomic for readers)."""
+    try:
+        path = _registry(engine_dir).promote(_model_id(model_id), version, smoke=smoke)
+    except (EngineError, OSError) as exc:
+        _fail(exc)
+    err.print(f"[green]promoted[/] {_model_id(model_id)} {version}")
+    print(path)
+
+
+@engine_app.command("remove")
+def engine_remove(
+    model_id: ModelId,
+    version: Version,
+    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Remove it even if it is current (the model is left unpromoted).")]
+    = False,
+) -> None:
+    """Delete a version (not the current one, unless --force)."""
+    try:
+        _registry(engine_dir).remove(_model_id(model_id), version, force=force)
+    except (EngineError, OSError) as exc:
+        _fail(exc)
+    err.print(f"removed {_model_id(model_id)} {version}")
 
 
 @app.command()

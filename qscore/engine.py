@@ -11,8 +11,9 @@ import structlog
 from engines.build import ensure_engine
 from engines.errors import ArtifactError
 from engines.loader import load_engine
-from engines.manifest import Manifest
+from engines.manifest import Manifest, read_manifest
 from engines.protocol import Engine
+from engines.registry import EngineRegistry
 from engines.source import resolve_model
 from qscore.config import EngineSettings
 from tokenizer_svc.tokenization import QueryTokenizer
@@ -22,12 +23,35 @@ log = structlog.get_logger(__name__)
 
 def find_artifact(settings: EngineSettings,
                   progress: Callable[[str], None] | None = None) -> Path:
-    """The artifact directory `settings` names, building it first if needed."""
+    """The artifact directory `settings` names: the given one, else the model's promoted
+    (`current`) version in the engine directory, else one built (and cached) now."""
     if settings.artifact is not None:
         return settings.artifact
     source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
+    if not settings.rebuild and (current := _promoted(settings, source.model_id)) is not None:
+        return current
     return ensure_engine(source, settings.engine_dir, precision=settings.precision,
                          rebuild=settings.rebuild, progress=progress)
+
+
+def _promoted(settings: EngineSettings, model_id: str) -> Path | None:
+    """The model's current version, if one is promoted and has the options asked for.
+
+    Options left unset take whatever was promoted; an explicit --head/--max-length or
+    precision the current one lacks means build (or find) the engine that has them."""
+    registry = EngineRegistry(settings.engine_dir)
+    if registry.current(model_id) is None:
+        return None
+    path = registry.get(model_id)
+    manifest = read_manifest(path)
+    wanted = {"head": settings.head, "max_length": settings.max_length,
+              "precision": settings.precision}
+    if any(value is not None and getattr(manifest, name) != value
+           for name, value in wanted.items()):
+        log.info("engine.current_skipped", model_id=model_id, version=manifest.version,
+                 reason="options differ", **{k: v for k, v in wanted.items() if v is not None})
+        return None
+    return path
 
 
 def artifact_tokenizer(path: Path, manifest: Manifest) -> QueryTokenizer:
