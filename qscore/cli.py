@@ -24,10 +24,22 @@ from rich.table import Table
 from rich.text import Text
 
 from engines.errors import EngineError
+from engines.quantize import QuantSpec
 from engines.registry import EngineRegistry
 from qscore.config import DEFAULT_CHUNK_ITEMS, EngineSettings, RescoreSettings
 from qscore.logs import configure_logging
-from qscore.settings import DEFAULT_ENGINE_DIR, EngineArtifact, EngineDir, EngineModel, LogLevel
+from qscore.settings import (
+    DEFAULT_ENGINE_DIR,
+    Calibration,
+    CalibrationMethodOpt,
+    EngineArtifact,
+    EngineDir,
+    EngineModel,
+    LogLevel,
+    MaxDrop,
+    Precision,
+    QuantLevel,
+)
 from schemas import Limits
 from workers.scoring import BatchLimits
 
@@ -52,12 +64,16 @@ Threads = Annotated[int | None, typer.Option(
 
 def _engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: str | None,
                      max_length: int | None, threads: int | None,
-                     rebuild: bool = False) -> EngineSettings:
+                     rebuild: bool = False, precision: str | None = None,
+                     quant: QuantSpec | None = None) -> EngineSettings:
     if head not in (None, "similarity", "classifier"):
         raise typer.BadParameter(f"--head must be similarity or classifier, not {head!r}")
+    if precision not in (None, "fp32", "int8"):
+        raise typer.BadParameter(f"--precision must be fp32 or int8, not {precision!r}")
     return EngineSettings(model=model, engine_dir=engine_dir, artifact=artifact,
                           head=head, max_length=max_length,  # type: ignore[arg-type]
-                          threads=threads, rebuild=rebuild)
+                          threads=threads, rebuild=rebuild, precision=precision,
+                          quant=quant or QuantSpec())
 
 
 def _fail(exc: Exception) -> None:
@@ -77,6 +93,7 @@ def rescore(
     artifact: EngineArtifact = None,
     head: Head = None,
     max_length: MaxLength = None,
+    precision: Precision = None,
     threads: Threads = None,
     fmt: Annotated[str, typer.Option("--format", envvar="QSCORE_FORMAT",
                                      help="auto | jsonl | tsv")] = "auto",
@@ -108,7 +125,8 @@ def rescore(
                     max_docs_per_item=max_docs, max_message_bytes=max_line_bytes)
     settings = RescoreSettings(
         input=input, output=output,
-        engine=_engine_settings(model, engine_dir, artifact, head, max_length, threads),
+        engine=_engine_settings(model, engine_dir, artifact, head, max_length, threads,
+                                precision=precision),
         batch=BatchLimits(max_batch=batch_size, token_budget=token_budget),
         limits=limits, chunk_items=chunk_items, fmt=fmt, progress=progress)
     if fmt not in ("auto", "jsonl", "tsv"):
@@ -162,6 +180,11 @@ def engine_build(
     max_length: MaxLength = None,
     rebuild: Annotated[bool, typer.Option(help="Build even if an intact one is cached.")]
     = False,
+    precision: Precision = None,
+    level: QuantLevel = "auto",
+    max_drop: MaxDrop = 0.005,
+    calibration: Calibration = None,
+    calibration_method: CalibrationMethodOpt = "dynamic",
     log_level: LogLevel = "warning",
 ) -> None:
     """Export, optimise and check an engine; print its artifact directory.
@@ -173,20 +196,26 @@ def engine_build(
     from engines.source import resolve_model
 
     configure_logging(log_level)
-    settings = _engine_settings(model, engine_dir, None, head, max_length, None, rebuild)
     try:
+        quant = QuantSpec(level=level, max_drop=max_drop, method=calibration_method,
+                          calibration=calibration)
+        settings = _engine_settings(model, engine_dir, None, head, max_length, None, rebuild,
+                                    precision, quant)
         # Straight to ensure_engine, not find_artifact: building must not stop at `current`.
         source = resolve_model(settings.model, head=settings.head,
                                max_length=settings.max_length)
         with err.status("building the engine") as status:
-            path = ensure_engine(source, engine_dir, rebuild=rebuild, progress=status.update)
+            path = ensure_engine(source, engine_dir, rebuild=rebuild, progress=status.update,
+                                 precision=settings.precision or (
+                                     "int8" if source.head == "similarity" else "fp32"),
+                                 quant=quant)
             engine = load_engine(path, threads=1)
         current = EngineRegistry(engine_dir).current(source.model_id)
     except (EngineError, OSError, ValueError) as exc:
         _fail(exc)
     m = engine.manifest
     err.print(f"engine {m.model_id} {m.version} ({m.backend} {m.precision}, {m.head} head, "
-              f"max_length {m.max_length}) accuracy vs PyTorch: {m.accuracy}")
+              f"max_length {m.max_length}) accuracy: {m.accuracy}", soft_wrap=True)
     if current != m.version:
         err.print(f"current is {current}; serve this one with: qscore engine promote "
                   f"{m.model_id} {m.version}")

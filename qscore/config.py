@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.manifest import Head
+from engines.quantize import QuantSpec
 from schemas import DEFAULT_LIMITS, Limits
 from workers.scoring import BatchLimits
 
@@ -28,7 +29,10 @@ class EngineSettings:
     artifact: Path | None = None  # load this artifact instead of building from `model`
     head: Head | None = None  # None: from the model's config
     max_length: int | None = None  # None: from the model's config
-    precision: str = "fp32"
+    # None: the best the head allows (INT8 chosen by measurement for the similarity head,
+    # FP32 for classifiers, whose INT8 selection is not built yet).
+    precision: str | None = None
+    quant: QuantSpec = field(default_factory=QuantSpec)
     threads: int | None = None  # engine intra-op threads; None: all cores
     rebuild: bool = False
 

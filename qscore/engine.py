@@ -30,7 +30,8 @@ def find_artifact(settings: EngineSettings,
     source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
     if not settings.rebuild and (current := _promoted(settings, source.model_id)) is not None:
         return current
-    return ensure_engine(source, settings.engine_dir, precision=settings.precision,
+    precision = settings.precision or ("int8" if source.head == "similarity" else "fp32")
+    return ensure_engine(source, settings.engine_dir, precision=precision, quant=settings.quant,
                          rebuild=settings.rebuild, progress=progress)
 
 

@@ -112,6 +112,24 @@ EngineArtifact = Annotated[Path | None, typer.Option(
     "building (or finding) the one for --model.")]
 EngineDir = Annotated[Path, typer.Option(
     "--engine-dir", envvar="QSCORE_ENGINE_DIR", help="Where built engines are cached.")]
+Precision = Annotated[str | None, typer.Option(
+    "--precision", envvar="QSCORE_PRECISION", help="fp32 or int8 (default: int8, chosen by "
+    "measurement, for similarity models; fp32 for classifiers).")]
+QuantLevel = Annotated[str, typer.Option(
+    "--level", envvar="QSCORE_INT8_LEVEL", help="INT8 quantization level: 1 (projection and "
+    "feed-forward MatMuls), 2 (+ attention), 3 (everything), or auto (the fastest candidate, "
+    "with sensitive nodes left in FP32, that meets --max-drop on a validation split).")]
+MaxDrop = Annotated[float, typer.Option(
+    "--max-drop", envvar="QSCORE_INT8_MAX_DROP", min=1e-6, max=0.5, help="INT8 budget: mean "
+    "cosine to FP32 >= 1 - X, 1st percentile >= 1 - 4X, Spearman of pair scores >= 1 - 2X.")]
+Calibration = Annotated[Path | None, typer.Option(
+    "--calibration", envvar="QSCORE_INT8_CALIBRATION", exists=True, dir_okay=False, help=(
+        "Queries for INT8 calibration/validation: TSV qid<TAB>query or a JSONL query log "
+        "(default: the shipped sample log). One third calibrates, another validates."))]
+CalibrationMethodOpt = Annotated[str, typer.Option(
+    "--calibration-method", envvar="QSCORE_INT8_METHOD", help="dynamic (activation ranges "
+    "at run time; the fast one on CPU), or static Q/DQ calibrated by minmax, entropy or "
+    "percentile.")]
 LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
 MetricsPort = Annotated[int | None, typer.Option(envvar="QSCORE_METRICS_PORT", help=(
     "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."))]
