@@ -73,6 +73,101 @@ def qscore_engine(engine, tokenizer, queries, batch):  # type: ignore[no-untyped
     return np.concatenate(outs), times
 
 
+class _SessionEngine:
+    """An ONNX model file behind the Engine protocol (for the un-packaged baseline row)."""
+
+    def __init__(self, model: str, manifest, threads: int) -> None:  # type: ignore[no-untyped-def]
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.names = {i.name for i in self.session.get_inputs()}
+        self.manifest = manifest
+
+    def run(self, batch):  # type: ignore[no-untyped-def]
+        feed = {k: v for k, v in (("input_ids", batch.input_ids),
+                                  ("attention_mask", batch.attention_mask),
+                                  ("token_type_ids", batch.token_type_ids)) if k in self.names}
+        return self.session.run(None, feed)[0]
+
+
+def precision_rows(fp32_path: Path, root: Path, report: list[str], calibration: Path,
+                   threads: int, batch: int) -> tuple[list[list[str]], str]:
+    """FP32, naive dynamic INT8, levels 1-3 and auto: speed and accuracy on `report`."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from engines.build import ensure_engine
+    from engines.loader import load_engine
+    from engines.quantize import QuantSpec, load_pairs, spearman
+    from engines.source import default_sample_log, resolve_model
+    from qscore.config import DEFAULT_CHUNK_ITEMS
+    from schemas import QueryItem
+    from tokenizer_svc.tokenization import QueryTokenizer
+    from workers.scoring import BatchLimits, run_token_batch
+
+    source = resolve_model("default")
+    fp32 = load_engine(fp32_path, threads=threads)
+    tok = QueryTokenizer(fp32_path / "tokenizer" / "tokenizer.json", source.max_length,
+                         pairs=False)
+    pair_q, pair_d = load_pairs(default_sample_log(), limit=1000)
+    limits = BatchLimits(max_batch=batch)
+
+    def embed(engine, texts):  # type: ignore[no-untyped-def]
+        out, times = [], []
+        for i in range(0, len(texts), DEFAULT_CHUNK_ITEMS):
+            items = [QueryItem(id=str(j), query=t)
+                     for j, t in enumerate(texts[i:i + DEFAULT_CHUNK_ITEMS])]
+            result = run_token_batch(engine, tok.token_batch("b", items, submitted_at=0),
+                                     limits)
+            times.extend(result.batch_ms)
+            out.append(np.array([s.embedding for s in result.items], dtype=np.float32))
+        return np.concatenate(out), times
+
+    def measure(engine):  # type: ignore[no-untyped-def]
+        embed(engine, report[:64])
+        started = time.perf_counter()
+        emb, times = embed(engine, report)
+        rate = len(report) / (time.perf_counter() - started)
+        q, _ = embed(engine, pair_q)
+        d, _ = embed(engine, pair_d)
+        return emb, rate, times, np.sum(q * d, axis=1)
+
+    ref, ref_rate, ref_times, ref_pairs = measure(fp32)
+    engines = []
+    naive = str(root / "naive-int8.onnx")
+    quantize_dynamic(str(fp32_path / "model.onnx"), naive, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    engines.append(("dynamic INT8, per-tensor, everything (naive quantize_dynamic)",
+                    _SessionEngine(naive, fp32.manifest, threads)))
+    auto_path = None
+    for level in ("1", "2", "3", "auto"):
+        path = ensure_engine(source, root, precision="int8", promote=False,
+                             quant=QuantSpec(level=level, calibration=calibration))
+        m = load_engine(path, threads=threads)
+        q = m.manifest.build["quantization"]
+        label = (f"qscore INT8 level {level}" if level != "auto" else
+                 f"qscore INT8 auto (chose {q['name']})")
+        engines.append((label, m))
+        auto_path = path if level == "auto" else auto_path
+    p50, p99 = percentiles(ref_times)
+    rows = [["qscore FP32", f"{ref_rate:,.0f}", "1.00x", f"{p50:.1f}", f"{p99:.1f}", "1.0000",
+             "1.0000", "1.0000"]]
+    for label, engine in engines:
+        emb, rate, times, pairs = measure(engine)
+        cos = np.sum(emb * ref, axis=1) / (np.linalg.norm(emb, axis=1) *
+                                           np.linalg.norm(ref, axis=1))
+        p50, p99 = percentiles(times)
+        rows.append([label, f"{rate:,.0f}", f"{rate / ref_rate:.2f}x", f"{p50:.1f}",
+                     f"{p99:.1f}", f"{cos.mean():.4f}", f"{np.percentile(cos, 1):.4f}",
+                     f"{spearman(pairs, ref_pairs):.4f}"])
+        print(rows[-1])
+    excluded = load_engine(auto_path).manifest.build["quantization"]["excluded_nodes"]
+    return rows, ", ".join("/".join(n.split("/")[3:-1]) for n in excluded) or "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=Path, default=None,
@@ -83,6 +178,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
+    parser.add_argument("--skip-int8", action="store_true", help="only the first table")
     args = parser.parse_args()
 
     import onnxruntime
@@ -136,6 +232,16 @@ def main() -> None:
             emb = results[name]
             c = np.sum(emb * ref[: len(emb)], axis=1)
             row.append(f"{c.min():.6f}")
+        int8_rows, excluded = None, ""
+        if not args.skip_int8:
+            # Calibrate and validate on one part of the real queries, report on the rest.
+            all_queries, _ = load_queries(args.queries)
+            split = len(all_queries) * 4 // 7
+            calibration = Path(tmp) / "calibration.tsv"
+            calibration.write_text("".join(f"{i}\t{q}\n"
+                                           for i, q in enumerate(all_queries[:split])))
+            int8_rows, excluded = precision_rows(path, Path(tmp), all_queries[split:],
+                                                 calibration, threads, args.batch)
         base = float(rows[0][2].replace(",", ""))
         for row in rows:
             row.insert(3, f"{float(row[2].replace(',', '')) / base:.1f}x")
@@ -158,6 +264,26 @@ def main() -> None:
     print(body)
     if not args.no_write:
         write_section("engine_cpu", body)
+    if int8_rows:
+        n_all = len(load_queries(args.queries)[0])
+        split = n_all * 4 // 7
+        table = markdown_table(["engine", "items/s", "vs FP32", "p50 call ms", "p99 call ms",
+                                "mean cosine", "p1 cosine", "Spearman (pairs)"], int8_rows)
+        body = (
+            "## Precision and quantization level (`bench/engine_cpu.py`)\n\n"
+            f"Same machine and run. INT8 engines were built with `--calibration` = the first "
+            f"{split} real queries (the build calibrates on one third of them and chooses on "
+            "another), and are reported here on the other "
+            f"{n_all - split} ({source_name.split(' ')[0]}), query embeddings, batches of "
+            f"{args.batch} in length-sorted windows; cosine to the FP32 engine per query; "
+            "Spearman of 1,000 (query, doc) cosine scores from the sample log against FP32. "
+            "Budget (`--max-drop 0.005`): mean >= 0.995, p1 >= 0.98, Spearman >= 0.99. "
+            f"Nodes the auto build left in FP32: {excluded}.\n\n"
+            f"{table}\n\n"
+            "Command: `.venv/bin/python bench/engine_cpu.py`\n")
+        print(body)
+        if not args.no_write:
+            write_section("engine_int8", body)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,14 @@ def test_auto_refuses_when_no_candidate_meets_the_budget(default_engine_path: Pa
         ensure_engine(resolve_model("default"), engine_root, precision="int8",
                       quant=QuantSpec(level="auto", max_drop=1e-6, max_exclude=0),
                       promote=False)
+
+
+@pytest.mark.slow
+def test_static_calibrated_level_1_builds_and_records_its_method(
+        default_engine_path: Path, engine_root: Path) -> None:
+    path = ensure_engine(resolve_model("default"), engine_root, precision="int8",
+                         quant=QuantSpec(level="1", method="minmax"), promote=False)
+    m = load_engine(path).manifest
+    assert (m.build["quantization"]["method"], m.build["quantization"]["level"]) == (
+        "minmax", "1")
+    assert m.accuracy["mean_cosine"] > 0.99  # calibrated ranges: close to FP32
