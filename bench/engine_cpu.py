@@ -87,10 +87,9 @@ class _SessionEngine:
         self.manifest = manifest
 
     def run(self, batch):  # type: ignore[no-untyped-def]
-        feed = {k: v for k, v in (("input_ids", batch.input_ids),
-                                  ("attention_mask", batch.attention_mask),
-                                  ("token_type_ids", batch.token_type_ids)) if k in self.names}
-        return self.session.run(None, feed)[0]
+        from engines.onnx_runtime import ort_feed
+
+        return self.session.run(None, ort_feed(batch, self.names))[0]
 
 
 def precision_rows(fp32_path: Path, root: Path, report: list[str], calibration: Path,

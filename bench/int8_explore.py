@@ -34,20 +34,17 @@ def batches_of(tokenizer, queries: list[str]):  # type: ignore[no-untyped-def]
 def run(model: str, batches) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
     import onnxruntime as ort
 
+    from engines.onnx_runtime import ort_feed
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
 
-    def feed(b):  # type: ignore[no-untyped-def]
-        return {k: v for k, v in (("input_ids", b.input_ids),
-                                  ("attention_mask", b.attention_mask),
-                                  ("token_type_ids", b.token_type_ids)) if k in names}
-
-    session.run(None, feed(batches[0]))
+    session.run(None, ort_feed(batches[0], names))
     started = time.perf_counter()
-    outs = [session.run(None, feed(b))[0] for b in batches]
+    outs = [session.run(None, ort_feed(b, names))[0] for b in batches]
     elapsed = time.perf_counter() - started
     return np.concatenate(outs), sum(b.size for b in batches) / elapsed
 

@@ -152,9 +152,7 @@ def _build_int8(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
                          **{k: round(v, 6) for k, v in chosen.metrics.items()}},
         })
         write_manifest(work, manifest)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
+        _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -214,13 +212,18 @@ def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precis
                                "output_dim": output_dim})
         manifest.build["seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(work, manifest)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
+        _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return target
+
+
+def _move_into_place(work: Path, target: Path) -> None:
+    """A finished build dir becomes the artifact in one rename (a stale one is replaced)."""
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(work, target)
 
 
 def _fields(manifest: Manifest) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,13 @@ from engines.manifest import Manifest, read_manifest, verify_artifact
 from workers.batching import PaddedBatch, pad_sequences
 
 BACKEND = "onnxruntime"
+
+
+def ort_feed(batch: PaddedBatch, names: Collection[str]) -> dict[str, np.ndarray]:
+    """The inputs a session declares, from a padded batch (exports may drop unused ones)."""
+    arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "token_type_ids": batch.token_type_ids}
+    return {name: arrays[name] for name in INPUT_NAMES if name in names}
 
 
 class OnnxRuntimeEngine:
@@ -47,13 +55,8 @@ class OnnxRuntimeEngine:
         self._inputs = tuple(n for n in INPUT_NAMES if n in names)
 
     def run(self, batch: PaddedBatch) -> np.ndarray:
-        feed = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "token_type_ids": batch.token_type_ids,
-        }
         try:
-            (out,) = self._session.run(None, {n: feed[n] for n in self._inputs})
+            (out,) = self._session.run(None, ort_feed(batch, self._inputs))
         except Exception as exc:
             raise EngineError(f"inference failed on a {batch.size}x{batch.length} batch: "
                               f"{exc}") from exc

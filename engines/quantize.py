@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import BuildError
+from engines.onnx_runtime import ort_feed
 
 LEVELS = {"1": ["MatMul"], "2": ["MatMul", "Attention"],
           "3": ["MatMul", "Attention", "EmbedLayerNormalization", "Gather"]}
@@ -125,18 +126,12 @@ class Evaluator:
         return [(rows, pad_sequences([tb.sequence(int(j)) for j in rows]))
                 for rows in plan_batches(tb.lengths, max_batch=64, token_budget=1 << 20)]
 
-    @staticmethod
-    def _feed(b, names) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-        return {k: v for k, v in (("input_ids", b.input_ids),
-                                  ("attention_mask", b.attention_mask),
-                                  ("token_type_ids", b.token_type_ids)) if k in names}
-
     def _run(self, session, batches, names) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
         n = sum(len(rows) for rows, _ in batches)
         out: np.ndarray | None = None
         started = time.perf_counter()
         for rows, b in batches:
-            res = session.run(None, self._feed(b, names))[0]
+            res = session.run(None, ort_feed(b, names))[0]
             if out is None:
                 out = np.empty((n, *res.shape[1:]), dtype=np.float32)
             out[rows] = res
@@ -151,7 +146,7 @@ class Evaluator:
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = {i.name for i in session.get_inputs()}
-        session.run(None, self._feed(self.queries[0][1], names))  # warm-up
+        session.run(None, ort_feed(self.queries[0][1], names))  # warm-up
         emb, rate = self._run(session, self.queries, names)
         q, _ = self._run(session, self.pairs[0], names)
         d, _ = self._run(session, self.pairs[1], names)
@@ -167,7 +162,7 @@ class Evaluator:
         names = {i.name for i in session.get_inputs()}
         total, count = 0.0, 0
         for rows, b in self.queries[:n_batches]:
-            out = session.run(None, self._feed(b, names))[0]
+            out = session.run(None, ort_feed(b, names))[0]
             ref = self.fp32[0][rows]
             total += float(np.sum(np.sum(out * ref, axis=1) / (
                 np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))))
