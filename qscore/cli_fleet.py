@@ -4,9 +4,6 @@ metrics flags are the worker's, so both services of a fleet take the same comman
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -84,11 +81,12 @@ def tokenizer(
 
 async def _serve(settings: TokenizerServiceSettings, idle_exit: float | None,
                  metrics_port: int | None) -> None:
+    from qscore.aio import stop_on_signals
     from qscore.metrics import serve_metrics
     from tokenizer_svc.service import TokenizerService
 
     service = TokenizerService(settings)  # inside the loop: aiokafka clients bind to it
-    _stop_on_signals(service.request_stop)
+    stop_on_signals(service.request_stop)
     if metrics_port is not None:
         serve_metrics(metrics_port, "qscore_tokenizer", {
             "tokenizer": lambda: service.stats,
@@ -105,20 +103,6 @@ async def _serve(settings: TokenizerServiceSettings, idle_exit: float | None,
     s = service.stats
     err.print(f"tokenizer done: {s.batches} batches, {s.items} items ({s.cached_items} from "
               f"the cache), {s.token_batches} token batches, {s.dead_letters} dead letters")
-
-
-def _stop_on_signals(stop: Callable[[], None]) -> None:
-    """First SIGTERM/SIGINT: drain and commit. A second: the default action (exit now)."""
-    loop = asyncio.get_running_loop()
-
-    def first(sig: signal.Signals) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(s)
-        err.print(f"{sig.name}: draining in-flight work (again to exit at once)")
-        stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, first, sig)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -48,12 +46,6 @@ def cache_settings(redis_url: str | None, redis_ca_certs: Path | None, cache_ttl
                          ssl_ca_certs=str(redis.ca_certs) if redis.ca_certs else None)
 
 
-def _install_stop_signals(stop: Callable[[], None]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-
-
 def worker(
     kafka: KafkaSettings,
     topics: Topics,
@@ -87,7 +79,7 @@ def worker(
     import os
 
     from engines.loader import load_engine
-    from qscore.aio import run
+    from qscore.aio import run, stop_on_signals
     from qscore.cache import ResultCache
     from qscore.engine import find_artifact
     from workers.service import ScoringWorker, WorkerSettings
@@ -106,7 +98,7 @@ def worker(
     async def main() -> None:
         await cache.start()
         service = ScoringWorker(settings, loaded, cache)
-        _install_stop_signals(service.request_stop)
+        stop_on_signals(service.request_stop)
         if metrics_port is not None:
             serve_metrics(metrics_port, "qscore_worker", {
                 "worker": lambda: service.stats,
