@@ -17,16 +17,12 @@ BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
 
 def load_queries(path: Path | None) -> tuple[list[str], str]:
     """Real queries (qid<TAB>query) if available, else the project's own sample log."""
-    import orjson
+    from engines.quantize import load_texts  # the one reader of TSV/JSONL query files
 
-    path = path or (SHARED_QUERIES if SHARED_QUERIES.is_file() else None)
-    if path is not None and path.suffix == ".tsv":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        queries = [line.split("\t", 1)[1].strip() for line in lines if "\t" in line]
-        return [q for q in queries if q], f"{path.name} ({len(queries)} real queries)"
-    path = path or SAMPLE_LOG
-    rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-    return [r["query"] for r in rows], f"{path.name} ({len(rows)} sample queries)"
+    path = path or (SHARED_QUERIES if SHARED_QUERIES.is_file() else SAMPLE_LOG)
+    queries = load_texts(path)
+    kind = "real" if path.suffix == ".tsv" else "sample"
+    return queries, f"{path.name} ({len(queries)} {kind} queries)"
 
 
 def machine() -> str:
