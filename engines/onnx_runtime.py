@@ -54,7 +54,10 @@ class OnnxRuntimeEngine:
         names = {i.name for i in self._session.get_inputs()}
         self._inputs = tuple(n for n in INPUT_NAMES if n in names)
 
-    def run(self, batch: PaddedBatch) -> np.ndarray:
+    lanes = 1  # a session per slot on CPU: EnginePool runs several sessions, not lanes
+    device = "cpu"
+
+    def run(self, batch: PaddedBatch, lane: int = 0) -> np.ndarray:
         try:
             (out,) = self._session.run(None, ort_feed(batch, self._inputs))
         except Exception as exc:

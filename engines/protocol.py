@@ -17,13 +17,21 @@ class Engine(Protocol):
 
     `run` returns float32: L2-normalised embeddings [n, dim] for the similarity head, positive
     class probabilities [n] for the classifier head. It blocks; callers keep it off the event
-    loop. It may be called from one thread at a time per engine instance.
+    loop.
+
+    `lanes` is how many calls the engine can run at once, each from its own thread with its own
+    `lane` index: 1 for a CPU session, one per CUDA stream for a GPU engine (two streams share
+    the weights, so one batch's copies overlap the other's kernels). A lane is used by one
+    thread at a time. `device` names where it runs ("cpu", "cuda:0"): the pool spreads work
+    over devices.
     """
 
     manifest: Manifest
     path: Path
+    lanes: int
+    device: str
 
-    def run(self, batch: PaddedBatch) -> np.ndarray: ...
+    def run(self, batch: PaddedBatch, lane: int = 0) -> np.ndarray: ...
 
     def health(self) -> None:
         """Raise EngineError if the engine cannot serve (runs a one-token batch)."""
