@@ -7,6 +7,14 @@ class EngineError(Exception):
     """Base class: something is wrong with an engine or its artifact."""
 
 
+class EngineDead(EngineError):
+    """The device or engine is gone (a CUDA error, a lost device): no later call can succeed.
+
+    Unlike a plain EngineError, which fails one batch and leaves the engine in service, this
+    takes the engine out of its pool; the batch may still run on another engine.
+    """
+
+
 class ArtifactError(EngineError):
     """An artifact directory is missing, corrupt or inconsistent with its manifest."""
 

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from engines.errors import EngineDead
 from qscore.kafka import KafkaSettings, make_consumer, make_producer
 from qscore.offsets import OffsetTracker
 from schemas import DeadLetter, Limits, SourceRef, Stage, encode_dead_letter
@@ -173,10 +174,11 @@ class RecordPipeline:
                 await handler(record)
             except asyncio.CancelledError:
                 raise
-            except KafkaError as exc:
-                # The broker did not take this record's outputs (aiokafka has retried already):
-                # not the record's fault, so no dead letter. It stays unfinished, nothing is
-                # committed past it, and the service stops; a restart redelivers it.
+            except (KafkaError, EngineDead) as exc:
+                # The broker did not take this record's outputs (aiokafka has retried already),
+                # or no engine is left to score it (every GPU lost): not the record's fault, so
+                # no dead letter. It stays unfinished, nothing is committed past it, and the
+                # service stops; a restart redelivers it.
                 self._fail(exc)
                 return
             except Exception as exc:  # any failure of one record: dead-letter it, move on

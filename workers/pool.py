@@ -1,29 +1,58 @@
-"""EnginePool: engine instances (slots), each driven by its own thread, fed by the loop.
+"""EnginePool: every lane of every engine is a slot, driven by its own thread, fed by the loop.
 
-A slot is one engine instance on CPU (an ONNX Runtime session) or one stream of a GPU engine.
-A batch goes to a free slot; with two or more slots the next batch is formed and padded while
-the current one runs. Engine calls block, so they never run on the event loop.
+A slot is one (engine, lane) pair: an ONNX Runtime session on CPU has one lane, a GPU engine
+one per CUDA stream. A batch goes to a free slot; with two or more slots the next batch is
+formed and padded while the current one runs. Engine calls block, so they never run on the
+event loop.
+
+`acquire` spreads work over devices: of the free slots it takes one on the least-loaded device
+(fewest busy lanes, then fewest sequences in flight, then the lowest slot index), so
+consecutive batches land on GPU 0, GPU 1, GPU 2 before any GPU gets its second stream's batch.
+
+An engine whose call raises EngineDead is out of service from then on: its lanes are never
+handed out again, and once no engine is left `acquire` raises EngineDead instead of waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
+from engines.errors import EngineDead
 from engines.protocol import Engine
 from workers.microbatcher import MicroBatch
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    index: int  # position in EnginePool.slots
+    engine: int  # position in EnginePool.engines
+    lane: int  # passed to engine.run: one thread at a time uses it
+    device: str  # "cpu", "cuda:0"
 
 
 @dataclass(slots=True)
 class SlotStats:
+    """Completed engine calls. busy_s sums call durations, so a device's figure counts
+    lane-seconds: two streams busy for one second make 2.0."""
+
     batches: int = 0
     sequences: int = 0
     busy_s: float = 0.0
+
+    def add(self, sequences: int, busy_s: float) -> None:
+        self.batches += 1
+        self.sequences += sequences
+        self.busy_s += busy_s
 
 
 class EnginePool:
@@ -35,41 +64,105 @@ class EnginePool:
         for engine in self.engines[1:]:
             if engine.manifest.version != self.manifest.version:
                 raise ValueError("all engines of a pool must be the same version")
-        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"qscore-engine-{i}")
-                         for i in range(len(self.engines))]
-        self.slot_stats = [SlotStats() for _ in self.engines]
-        self._free: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(self.engines)):
-            self._free.put_nowait(i)
+        self.slots: list[Slot] = []
+        for i, engine in enumerate(self.engines):
+            lanes = getattr(engine, "lanes", 1)
+            if lanes < 1:
+                raise ValueError(f"engine {i} has {lanes} lanes; it needs at least one")
+            device = getattr(engine, "device", "cpu")
+            first = len(self.slots)
+            self.slots += [Slot(first + lane, i, lane, device) for lane in range(lanes)]
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=(
+            f"qscore-engine-{s.engine}-lane-{s.lane}")) for s in self.slots]
+        self.slot_stats = [SlotStats() for _ in self.slots]
+        self.device_stats = {s.device: SlotStats() for s in self.slots}
+        self.dead: set[int] = set()  # engines out of service
+        self._free = set(range(len(self.slots)))
+        self._held: set[int] = set()
+        self._in_flight: Counter[str] = Counter()  # sequences being run, per device
+        self._changed = asyncio.Event()  # a slot was released or an engine died
 
     @property
     def size(self) -> int:
-        return len(self.engines)
+        """Slots in service (the lanes of engines that are not dead)."""
+        return sum(1 for s in self.slots if s.engine not in self.dead)
 
     def busy(self) -> int:
-        return self.size - self._free.qsize()
+        return len(self._held)
 
-    async def acquire(self) -> int:
-        return await self._free.get()
+    async def acquire(self) -> Slot:
+        """Wait for a free slot; take the one on the least-loaded device."""
+        while True:
+            if not self.size:
+                raise EngineDead(f"all {len(self.engines)} engines of the pool are out of "
+                                 "service (see the engine_dead errors logged before)")
+            if self._free:
+                busy = Counter(self.slots[i].device for i in self._held)
+                index = min(self._free, key=lambda i: (
+                    busy[self.slots[i].device], self._in_flight[self.slots[i].device], i))
+                self._free.discard(index)
+                self._held.add(index)
+                return self.slots[index]
+            self._changed.clear()
+            await self._changed.wait()
 
-    def release(self, slot: int) -> None:
-        self._free.put_nowait(slot)
+    def release(self, slot: Slot) -> None:
+        if slot.index not in self._held:
+            raise ValueError(f"slot {slot.index} released but not held")
+        self._held.discard(slot.index)
+        if slot.engine not in self.dead:
+            self._free.add(slot.index)
+        self._changed.set()
 
-    async def run(self, slot: int, batch: MicroBatch) -> np.ndarray:
+    async def run(self, slot: Slot, batch: MicroBatch) -> np.ndarray:
+        """Run `batch` on `slot`'s lane. EngineDead takes the slot's engine out of service
+        (and is raised, so the caller can run the batch elsewhere); other errors leave it in."""
+        if slot.engine in self.dead:
+            raise EngineDead(f"engine {slot.engine} on {slot.device} is out of service")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads[slot], self._call, slot, batch)
+        self._in_flight[slot.device] += batch.size
+        try:
+            out, busy_s = await loop.run_in_executor(self._threads[slot.index], self._call,
+                                                     slot, batch)
+        except EngineDead as exc:
+            self._take_out(slot.engine, exc)
+            raise
+        finally:
+            self._in_flight[slot.device] -= batch.size
+        # Counted here, on the loop: lanes of one device finish on different threads.
+        self.slot_stats[slot.index].add(batch.size, busy_s)
+        self.device_stats[slot.device].add(batch.size, busy_s)
+        return out
 
-    def _call(self, slot: int, batch: MicroBatch) -> np.ndarray:
+    def _call(self, slot: Slot, batch: MicroBatch) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
-        out = self.engines[slot].run(batch.padded())
-        stats = self.slot_stats[slot]
-        stats.busy_s += time.perf_counter() - started
-        stats.batches += 1
-        stats.sequences += batch.size
+        out = self.engines[slot.engine].run(batch.padded(), lane=slot.lane)
+        return out, time.perf_counter() - started
+
+    def _take_out(self, engine: int, exc: BaseException) -> None:
+        if engine in self.dead:
+            return
+        self.dead.add(engine)
+        lanes = {s.index for s in self.slots if s.engine == engine}
+        self._free -= lanes
+        self._changed.set()  # waiters re-check: with no engine left they raise
+        log.error("engine_dead", engine=engine, device=self.slots[min(lanes)].device,
+                  lanes=len(lanes), slots_left=self.size, error=f"{type(exc).__name__}: {exc}")
+
+    def device_counters(self) -> dict[str, float]:
+        """Per-device totals as flat metric names: cuda_0_batches, cuda_0_busy_s, ..."""
+        out: dict[str, float] = {}
+        for device, stats in self.device_stats.items():
+            name = device.replace(":", "_")
+            out |= {f"{name}_batches": stats.batches, f"{name}_sequences": stats.sequences,
+                    f"{name}_busy_s": stats.busy_s}
         return out
 
     def close(self) -> None:
         for pool in self._threads:
             pool.shutdown(wait=True)
-        for engine in self.engines:
-            engine.close()
+        for i, engine in enumerate(self.engines):
+            try:
+                engine.close()
+            except Exception as exc:  # a dead device may fail to free; close the others
+                log.warning("engine_close_failed", engine=i, error=f"{type(exc).__name__}: {exc}")

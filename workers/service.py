@@ -13,11 +13,13 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 import numpy as np
 import structlog
 from aiokafka import ConsumerRecord
 
+from engines.errors import EngineDead
 from engines.protocol import Engine
 from qscore.cache import ResultCache, encode_floats
 from qscore.kafka import KafkaSettings, Topics
@@ -34,7 +36,7 @@ from schemas import (
 )
 from workers.assemble import item_scores
 from workers.microbatcher import BatcherSettings, MicroBatch, MicroBatcher, Priority
-from workers.pool import EnginePool
+from workers.pool import EnginePool, Slot
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +67,7 @@ class WorkerStats:
     score_batches: int = 0
     cache_writes: int = 0
     engine_errors: int = 0
+    engine_retries: int = 0  # batches run again after their engine died
     batch_sizes: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -99,6 +102,7 @@ class ScoringWorker:
             name=f"{name}-offline", **common)  # type: ignore[arg-type]
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self.failure: EngineDead | None = None  # set when no engine is left
 
     async def start(self) -> None:
         await self.online.start()
@@ -115,10 +119,13 @@ class ScoringWorker:
 
     async def run(self, *, idle_exit_s: float | None = None) -> None:
         """Serve until request_stop() (then drain and commit), or in burst mode until both
-        topics were idle for `idle_exit_s` with nothing in flight."""
+        topics were idle for `idle_exit_s` with nothing in flight. Raises EngineDead, after
+        draining, if every engine died (a restart on a healthy host takes over)."""
         await asyncio.gather(
             self.online.run(lambda r: self._handle(r, "online"), idle_exit_s=idle_exit_s),
             self.offline.run(lambda r: self._handle(r, "offline"), idle_exit_s=idle_exit_s))
+        if self.failure is not None:
+            raise self.failure
 
     async def stop(self) -> None:
         try:
@@ -193,7 +200,10 @@ class ScoringWorker:
     # -- dispatch --------------------------------------------------------------------------
     async def _dispatch(self) -> None:
         while True:
-            slot = await self.pool.acquire()
+            try:
+                slot = await self.pool.acquire()
+            except EngineDead as exc:
+                await self._no_engines(exc)
             try:
                 batch = await self.batcher.next_batch()
             except BaseException:
@@ -203,12 +213,23 @@ class ScoringWorker:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, slot: int, batch: MicroBatch) -> None:
+    async def _no_engines(self, exc: EngineDead) -> NoReturn:
+        """Every engine died: stop consuming, and fail what is queued or still arrives so
+        the pipelines can drain. They neither dead-letter nor commit those records (the
+        input was fine), so a restart on a healthy host redelivers them; `run` then raises."""
+        log.error("worker_has_no_engines", error=str(exc))
+        self.failure = exc
+        self.request_stop()
+        while True:
+            self.batcher.fail(await self.batcher.next_batch(), exc)
+
+    async def _run_batch(self, slot: Slot, batch: MicroBatch) -> None:
         try:
-            outputs = await self.pool.run(slot, batch)
+            outputs = await self._run_on(slot, batch)
         except Exception as exc:
             self.stats.engine_errors += 1
-            log.error("engine_failed", slot=slot, size=batch.size, error=str(exc))
+            log.error("engine_failed", slot=slot.index, device=slot.device, size=batch.size,
+                      error=str(exc))
             self.batcher.fail(batch, exc)
         else:
             self.stats.batches += 1
@@ -218,6 +239,23 @@ class ScoringWorker:
             self.stats.padded_tokens += longest * batch.size
             self.stats.real_tokens += sum(r.length for r in batch.refs)
             self.batcher.complete(batch, outputs)
+
+    async def _run_on(self, slot: Slot, batch: MicroBatch) -> np.ndarray:
+        """Run `batch` on `slot`, then release it. If the slot's engine died (the pool took
+        it out of service) and slots remain, run the batch once more on another one."""
+        try:
+            return await self.pool.run(slot, batch)
+        except EngineDead as exc:
+            if not self.pool.size:
+                raise
+            log.warning("engine_dead_retry", slot=slot.index, device=slot.device,
+                        size=batch.size, error=str(exc))
         finally:
             self.pool.release(slot)
+        self.stats.engine_retries += 1
+        retry = await self.pool.acquire()
+        try:
+            return await self.pool.run(retry, batch)
+        finally:
+            self.pool.release(retry)
 

@@ -8,6 +8,7 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
+from engines.errors import EngineDead
 from qscore.kafka import make_consumer, make_producer
 from qscore.pipeline import PipelineError, PipelineSettings, RecordPipeline
 from schemas import DEFAULT_LIMITS
@@ -16,8 +17,13 @@ from tests.integration.fleet_helpers import CreateTopic, kafka_settings
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("failure", [
+    KafkaTimeoutError("the broker did not acknowledge the outputs"),
+    EngineDead("cuda:0: CUDA error: an illegal memory access was encountered"),
+], ids=["broker", "engine-dead"])
 async def test_a_broker_failure_stops_the_pipeline_without_dead_letter_or_commit(
-        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str) -> None:
+        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str,
+        failure: Exception) -> None:
     kafka = kafka_settings(kafka_bootstrap)
     source = await create_topic(f"{topic_name}.in")
     dead = await create_topic(f"{topic_name}.dead")
@@ -34,7 +40,7 @@ async def test_a_broker_failure_stops_the_pipeline_without_dead_letter_or_commit
     async def handler(record: ConsumerRecord) -> None:
         seen.append(record.value)
         if record.value == b"outputs-not-acked":
-            raise KafkaTimeoutError("the broker did not acknowledge the outputs")
+            raise failure
 
     pipeline = RecordPipeline(kafka, [source], PipelineSettings(group_id=f"{topic_name}-g",
                                                                 max_in_flight=1),
