@@ -28,7 +28,8 @@ from engines.registry import EngineRegistry, model_dir
 from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource
 
 BUILD_FORMAT = 1  # bump when export/optimise changes what an artifact contains
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8")  # onnxruntime; the torch backend's are in engines.torch_runtime
+BACKENDS = ("onnxruntime", "torch")
 # FP32 ONNX Runtime vs PyTorch on the same weights: anything below this is a broken export.
 MIN_COSINE = 0.9999
 MAX_PROB_DIFF = 1e-4
@@ -69,12 +70,20 @@ def ensure_engine(
     rebuild: bool = False,
     progress: Progress | None = None,
     promote: bool = True,
+    backend: str = "onnxruntime",
 ) -> Path:
     """Return the artifact for `source`, building it if no intact one exists.
 
     INT8 engines are made from the FP32 one (built first if needed) by `engines.quantize`.
     The first version of a model in `root` is promoted to its registry `current`; later ones
-    wait for an explicit `EngineRegistry.promote` (qscore engine promote)."""
+    wait for an explicit `EngineRegistry.promote` (qscore engine promote).
+    Backend "torch" artifacts (GPU runtime) are built by `engines.build_torch`."""
+    if backend not in BACKENDS:
+        raise BuildError(f"backend {backend!r} not supported; choose {BACKENDS} (TensorRT "
+                         "plans are built on a GPU host: see docs/tensorrt.md)")
+    if backend == "torch":
+        return _ensure_torch(source, root, precision, quant or QuantSpec(), rebuild,
+                             progress, promote)
     if precision not in PRECISIONS:
         raise BuildError(f"precision {precision!r} not supported; choose {PRECISIONS}")
     say = progress or _quiet
@@ -102,6 +111,35 @@ def ensure_engine(
         target = _build_int8(fp32, target, full, quant or QuantSpec(), say)
     else:
         target = _build(source, root, target, full, precision, say)
+    if promote:
+        EngineRegistry(root).promote_first(source.model_id, target.name)
+    return target
+
+
+def _ensure_torch(source: ModelSource, root: Path, precision: str, quant: QuantSpec,
+                  rebuild: bool, progress: Progress | None, promote: bool) -> Path:
+    from engines.build_torch import build_torch
+
+    extra: dict[str, object] = {}
+    if precision in ("int8", "fp8"):
+        extra = {"max_drop": quant.max_drop, "max_exclude": quant.max_exclude}
+    if precision != "fp32":
+        from engines.quantize import file_digest
+        from engines.source import default_sample_log
+
+        extra["calibration"] = file_digest(quant.calibration or default_sample_log())
+    full = content_hash(source, precision, "torch", extra)
+    target = artifact_dir(root, source.model_id, full[:12])
+    if target.exists() and not rebuild:
+        try:
+            verify_artifact(target)
+        except ArtifactError as exc:
+            (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
+        else:
+            if promote:
+                EngineRegistry(root).promote_first(source.model_id, target.name)
+            return target
+    target = build_torch(source, target, full, precision, quant, progress or _quiet)
     if promote:
         EngineRegistry(root).promote_first(source.model_id, target.name)
     return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from engines.errors import BackendUnavailable
 from engines.manifest import read_manifest
@@ -11,17 +12,47 @@ from engines.protocol import Engine
 
 
 def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
-                check_memory: bool = True) -> Engine:
+                check_memory: bool = True, device: str | None = None,
+                lanes: int | None = None, graphs: bool = True) -> Engine:
+    """Load an artifact on its backend's runtime.
+
+    `device`, `lanes` and `graphs` apply to GPU runtimes (torch, tensorrt); they check the
+    device's own free memory, the CPU runtime the host's."""
     manifest = read_manifest(Path(path))
-    if check_memory:
-        check_fits(Path(path), manifest.memory_bytes, host_available_bytes())
     if manifest.backend == "onnxruntime":
+        if check_memory:
+            check_fits(Path(path), manifest.memory_bytes, host_available_bytes())
         try:
             from engines.onnx_runtime import OnnxRuntimeEngine
         except ImportError as exc:
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime"
                                      ) from exc
         return OnnxRuntimeEngine(Path(path), threads=threads, verify=verify)
+    if manifest.backend == "torch":
+        try:
+            from engines.torch_runtime import TorchEngine, TorchOptions
+        except ImportError as exc:
+            raise BackendUnavailable("the torch backend needs PyTorch: pip install torch (a "
+                                     "CUDA build on GPU hosts)") from exc
+        return TorchEngine(Path(path), options=TorchOptions(device=device, lanes=lanes,
+                                                            graphs=graphs),
+                           verify=verify, check_memory=check_memory)
+    if manifest.backend == "tensorrt":
+        from engines.tensorrt.runtime import TensorRTEngine
+
+        index = _cuda_index(device)
+        options: dict[str, Any] = {"device": index, "verify": verify}
+        if lanes is not None:
+            options["lanes"] = lanes
+        return TensorRTEngine(Path(path), **options)
     raise BackendUnavailable(
         f"{path}: backend {manifest.backend!r} is not available in this qscore build"
     )
+
+
+def _cuda_index(device: str | None) -> int:
+    if device is None or device == "cuda":
+        return 0
+    if not device.startswith("cuda:") or not device[5:].isdigit():
+        raise BackendUnavailable(f"TensorRT runs on a CUDA device (cuda:N), not {device!r}")
+    return int(device[5:])

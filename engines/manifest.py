@@ -29,6 +29,10 @@ _CHUNK = 1 << 20
 WORKSPACE_BATCH = 64  # the largest micro-batch a worker forms (workers.scoring.BatchLimits)
 WORKSPACE_FACTOR = 2
 
+# The file a backend's runtime loads (the rest of an artifact is tokenizer, config, caches).
+MODEL_FILES = {"onnxruntime": "model.onnx", "torch": "weights.safetensors",
+               "tensorrt": "model.plan"}
+
 Head = Literal["similarity", "classifier"]
 HEADS: tuple[str, ...] = ("similarity", "classifier")
 
@@ -63,7 +67,7 @@ class Manifest:
 
     @property
     def model_file(self) -> str:
-        return "model.onnx"
+        return MODEL_FILES.get(self.backend, "model.onnx")
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)

@@ -243,6 +243,20 @@ def _quiet_onnxruntime_logging() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
 
 
+def split_texts(source: Path, minimum: int = 50) -> tuple[list[str], list[str]]:
+    """Calibration and validation thirds of a query file (the last third is never used).
+
+    Deduplicated and shuffled with a fixed seed: the split does not depend on file order."""
+    texts = sorted(set(load_texts(source)))
+    rng = np.random.default_rng(0)
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    third = len(texts) // 3
+    if third < minimum:
+        raise BuildError(f"{source}: {len(texts)} distinct queries; an accuracy check needs "
+                         f">= {3 * minimum}")
+    return texts[:third], texts[third: 2 * third]
+
+
 def choose(fp32: Path, work: Path, spec: QuantSpec, tokenizer: object, say: Progress,
            threads: int | None = None) -> tuple[Candidate, list[Candidate], dict[str, object]]:
     """Build and measure candidates in `work`; return the chosen one, all, and data facts."""
@@ -250,13 +264,7 @@ def choose(fp32: Path, work: Path, spec: QuantSpec, tokenizer: object, say: Prog
 
     _quiet_onnxruntime_logging()
     source = spec.calibration or default_sample_log()
-    texts = sorted(set(load_texts(source)))  # deterministic, independent of file order
-    rng = np.random.default_rng(0)
-    texts = [texts[i] for i in rng.permutation(len(texts))]
-    third = len(texts) // 3
-    calibrate, validate = texts[:third], texts[third: 2 * third]
-    if len(validate) < 50:
-        raise BuildError(f"{source}: {len(texts)} queries; INT8 selection needs >= 150")
+    calibrate, validate = split_texts(source)
     pair_q, pair_d = load_pairs(spec.sample_pairs or default_sample_log())
     say(f"measuring FP32 on {len(validate)} validation queries and {len(pair_q)} pairs")
     ev = Evaluator(fp32, tokenizer, validate[:1000], pair_q, pair_d, threads)

@@ -59,3 +59,11 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def classifier_engine(tiny_classifier_dir: Path, engine_root: Path) -> Engine:
     source = resolve_model(tiny_classifier_dir, max_length=64)
     return load_engine(ensure_engine(source, engine_root), threads=2)
+
+
+@pytest.fixture(scope="session")
+def torch_artifacts(engine_root: Path) -> dict[str, Path]:
+    """The default model built for the torch backend at each GPU precision (checked on CPU)."""
+    source = resolve_model("default")
+    return {p: ensure_engine(source, engine_root, precision=p, backend="torch", promote=False)
+            for p in ("fp16", "int8", "fp8")}

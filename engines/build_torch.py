@@ -1,0 +1,243 @@
+"""Build artifacts for the PyTorch runtime (backend "torch"): weights, config, accuracy report.
+
+An artifact holds the encoder's weights (FP16, or FP32 for an fp32 engine) in safetensors, its
+config, and the tokenizer. Quantization (INT8/FP8, per-channel) happens at load on the device,
+in milliseconds, so one artifact per precision records the choice and its measured accuracy:
+
+1. the implementation check: our Encoder against Hugging Face PyTorch in FP32 (min cosine
+   >= 0.9999), so a wrong weight mapping can never ship;
+2. the precision check on real queries (the validation third of the calibration file) against
+   FP32, on the GPU when the build has one, else on CPU, where INT8 accumulation is exact and
+   FP16/FP8 rounding is emulated. INT8/FP8 linears that push accuracy under budget are left in
+   FP16, most sensitive first, like the ONNX Runtime INT8 search.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import BuildError
+from engines.manifest import Manifest, hash_files, list_files, write_manifest
+from engines.quantize import QuantSpec, split_texts
+from engines.source import TOKENIZER_FILES, ModelSource, default_sample_log
+
+FP16_MIN_COSINE = 0.999  # per item, against FP32
+FP16_MAX_PROB_DIFF = 1e-2  # classifier heads
+IMPLEMENTATION_MIN_COSINE = 0.9999
+CHECK_QUERIES = 600
+
+Progress = Callable[[str], None]
+
+
+def build_torch(source: ModelSource, target: Path, full_hash: str, precision: str,
+                quant: QuantSpec, say: Progress, *, device: str | None = None) -> Path:
+    import torch
+
+    from engines.export import _load_torch_model, head_module
+    from engines.torch_model import EncoderConfig, save_encoder, state_from_hf
+    from engines.torch_runtime import PRECISIONS, memory_estimate
+    from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
+
+    if precision not in PRECISIONS:
+        raise BuildError(f"precision {precision!r} not supported by the torch backend; choose "
+                         f"{PRECISIONS}")
+    if precision in ("int8", "fp8") and source.head != "similarity":
+        raise BuildError("INT8/FP8 selection measures embedding cosine to FP32; classifier "
+                         "heads build as fp16 or fp32 on the torch backend")
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    try:
+        (work / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, work / "tokenizer" / name)
+        say(f"loading {source.model_id} ({source.head} head) for the torch backend")
+        hf = _load_torch_model(source)
+        reference = head_module(source, hf)
+        cfg = EncoderConfig.from_hf(json.loads((source.path / "config.json").read_text()),
+                                    head=source.head, num_labels=source.num_labels,
+                                    positive_label=source.positive_label)
+        state = state_from_hf(hf.state_dict(), cfg)
+        tokenizer = QueryTokenizer(work / "tokenizer" / "tokenizer.json", source.max_length,
+                                   pairs=source.head == "classifier")
+        say("checking the encoder against Hugging Face PyTorch (FP32)")
+        implementation = _implementation_check(cfg, state, reference, tokenizer)
+        store = torch.float32 if precision == "fp32" else torch.float16
+        save_encoder(work, cfg, state, store)
+        quantization: dict[str, Any] = {}
+        report: dict[str, Any] = {"reference": "pytorch-fp32", **implementation}
+        if precision != "fp32":
+            check, quantization = _precision_check(cfg, state, precision, quant, tokenizer,
+                                                   say, device)
+            report.update(check)
+        manifest = Manifest(
+            model_id=source.model_id, version=full_hash[:12], content_hash=full_hash,
+            precision=precision, backend="torch", head=source.head,
+            max_length=source.max_length, output_dim=cfg.output_dim,
+            tokenizer_id=tokenizer_id_of(work / "tokenizer" / "tokenizer.json"),
+            files=hash_files(work, list_files(work)), created_at=time.time(),
+            num_labels=source.num_labels, positive_label=source.positive_label,
+            memory_bytes=memory_estimate(cfg, precision, max_tokens=64 * 256, lanes=2),
+            build={"torch": torch.__version__, "stored_dtype": str(store).removeprefix("torch."),
+                   "seconds": round(time.perf_counter() - started, 2),
+                   **({"quantization": quantization} if quantization else {})},
+            accuracy=report,
+        )
+        write_manifest(work, manifest)
+        from engines.build import _move_into_place
+
+        _move_into_place(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def _encode(tokenizer: Any, texts: list[str], max_batch: int = 64) -> list[tuple[np.ndarray, Any]]:
+    from schemas import QueryItem
+    from workers.batching import pad_sequences, plan_batches
+
+    tb = tokenizer.token_batch("check", [QueryItem(id=str(i), query=t)
+                                         for i, t in enumerate(texts)], submitted_at=0)
+    return [(rows, pad_sequences([tb.sequence(int(j)) for j in rows]))
+            for rows in plan_batches(tb.lengths, max_batch=max_batch, token_budget=1 << 20)]
+
+
+def _outputs(model: Any, batches: list[tuple[np.ndarray, Any]], device: Any) -> np.ndarray:
+    import torch
+
+    n = sum(len(rows) for rows, _ in batches)
+    out: np.ndarray | None = None
+    with torch.inference_mode():
+        for rows, b in batches:
+            feeds = [torch.from_numpy(a).to(device) for a in
+                     (b.input_ids, b.attention_mask, b.token_type_ids)]
+            res = model(*feeds).float().cpu().numpy()
+            if out is None:
+                out = np.empty((n, *res.shape[1:]), dtype=np.float32)
+            out[rows] = res
+    assert out is not None
+    return out
+
+
+def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    return np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1)
+                                        * np.linalg.norm(got, axis=1) + 1e-12)
+
+
+def _implementation_check(cfg: Any, state: dict[str, Any], reference: Any,
+                          tokenizer: Any) -> dict[str, float]:
+    from engines.export import CHECK_TEXTS
+    from engines.torch_model import Encoder
+
+    model = Encoder(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    batches = _encode(tokenizer, list(CHECK_TEXTS))
+    ours, ref = _outputs(model, batches, "cpu"), _outputs(reference, batches, "cpu")
+    if cfg.head == "similarity":
+        low = float(cosines(ref, ours).min())
+        if low < IMPLEMENTATION_MIN_COSINE:
+            raise BuildError(f"the torch encoder disagrees with Hugging Face PyTorch: min "
+                             f"cosine {low:.6f} < {IMPLEMENTATION_MIN_COSINE}")
+        return {"implementation_min_cosine": low}
+    diff = float(np.abs(ref - ours).max())
+    if diff > 1e-4:
+        raise BuildError(f"the torch encoder disagrees with Hugging Face PyTorch: max "
+                         f"probability difference {diff:.2e}")
+    return {"implementation_max_prob_diff": diff}
+
+
+def _precision_check(cfg: Any, state: dict[str, Any], precision: str, quant: QuantSpec,
+                     tokenizer: Any, say: Progress,
+                     device_name: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Accuracy of `precision` against FP32 on real queries; for INT8/FP8 the linears left in
+    the float dtype to meet the budget (empty when all of them can be quantized)."""
+    import torch
+
+    from engines.torch_model import Encoder
+    from engines.torch_quant import quantize_linears
+
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16
+    source = quant.calibration or default_sample_log()
+    _, validate = split_texts(source)
+    texts = validate[:CHECK_QUERIES]
+    batches = _encode(tokenizer, texts)
+    base = Encoder(cfg)
+    base.load_state_dict(state)
+    base.eval()
+    fp32 = _outputs(base.to(device), batches, device)
+
+    def measure(excluded: tuple[str, ...]) -> tuple[dict[str, float], np.ndarray]:
+        model = Encoder(cfg)
+        model.load_state_dict(state)
+        model = model.to(device=device, dtype=dtype).eval()
+        if precision in ("int8", "fp8"):
+            names = [n for n in cfg.linear_names() if n not in excluded]
+            quantize_linears(model, precision, names, out_dtype=dtype)
+        got = _outputs(model, batches, device)
+        if cfg.head != "similarity":
+            return {"max_abs_prob_diff": float(np.abs(fp32 - got).max())}, got
+        cos = cosines(fp32, got)
+        return {"mean_cosine": float(cos.mean()), "p1_cosine": float(np.percentile(cos, 1)),
+                "min_cosine": float(cos.min())}, cos
+
+    where = {"checked_on": str(device) if device.type == "cuda"
+             else "cpu (fp16 and int8/fp8 arithmetic emulated by PyTorch's CPU kernels)",
+             "queries": len(texts), "query_file": source.name}
+    say(f"measuring {precision} against FP32 on {len(texts)} real queries ({device})")
+    metrics, _ = measure(())
+    if precision == "fp16":
+        ok = (metrics["min_cosine"] >= FP16_MIN_COSINE if "min_cosine" in metrics
+              else metrics["max_abs_prob_diff"] <= FP16_MAX_PROB_DIFF)
+        if not ok:
+            raise BuildError(f"FP16 engine is not within {FP16_MIN_COSINE} cosine of FP32 on "
+                             f"every query: {metrics}")
+        return {**where, **_rounded(metrics)}, {}
+    budget = {"mean_cosine": 1 - quant.max_drop, "p1_cosine": 1 - 4 * quant.max_drop}
+    excluded: tuple[str, ...] = ()
+    if not _meets(metrics, budget):
+        say(f"{precision} misses the budget ({_rounded(metrics)}); ranking layers by "
+            "sensitivity")
+        ranked = _sensitivity(cfg, measure)
+        for name in ranked[: quant.max_exclude]:
+            excluded = (*excluded, name)
+            metrics, _ = measure(excluded)
+            if _meets(metrics, budget):
+                break
+        if not _meets(metrics, budget):
+            raise BuildError(f"no {precision} engine meets max_drop {quant.max_drop} with up "
+                             f"to {quant.max_exclude} linears left in FP16 (best: "
+                             f"{_rounded(metrics)}); raise --max-drop or use fp16")
+    return ({**where, **_rounded(metrics), "budget": budget},
+            {"method": "per-channel weights, per-token dynamic activations",
+             "excluded": list(excluded), "quantized": len(cfg.linear_names()) - len(excluded)})
+
+
+def _sensitivity(cfg: Any, measure: Callable[[tuple[str, ...]], tuple[dict[str, float],
+                                                                       np.ndarray]]) -> list[str]:
+    """Linears ordered by how much mean cosine each one alone costs when quantized."""
+    names = cfg.linear_names()
+    drops = {}
+    for name in names:
+        others = tuple(n for n in names if n != name)
+        drops[name] = 1 - measure(others)[0]["mean_cosine"]
+    return sorted(names, key=lambda n: -drops[n])
+
+
+def _meets(metrics: dict[str, float], budget: dict[str, float]) -> bool:
+    return all(metrics.get(k, 0.0) >= v for k, v in budget.items())
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in metrics.items()}
