@@ -71,6 +71,7 @@ def ensure_engine(
     progress: Progress | None = None,
     promote: bool = True,
     backend: str = "onnxruntime",
+    device: str | None = None,
 ) -> Path:
     """Return the artifact for `source`, building it if no intact one exists.
 
@@ -83,7 +84,7 @@ def ensure_engine(
                          "plans are built on a GPU host: see docs/tensorrt.md)")
     if backend == "torch":
         return _ensure_torch(source, root, precision, quant or QuantSpec(), rebuild,
-                             progress, promote)
+                             progress, promote, device)
     if precision not in PRECISIONS:
         raise BuildError(f"precision {precision!r} not supported; choose {PRECISIONS}")
     say = progress or _quiet
@@ -117,7 +118,8 @@ def ensure_engine(
 
 
 def _ensure_torch(source: ModelSource, root: Path, precision: str, quant: QuantSpec,
-                  rebuild: bool, progress: Progress | None, promote: bool) -> Path:
+                  rebuild: bool, progress: Progress | None, promote: bool,
+                  device: str | None) -> Path:
     from engines.build_torch import build_torch
 
     extra: dict[str, object] = {}
@@ -139,7 +141,8 @@ def _ensure_torch(source: ModelSource, root: Path, precision: str, quant: QuantS
             if promote:
                 EngineRegistry(root).promote_first(source.model_id, target.name)
             return target
-    target = build_torch(source, target, full, precision, quant, progress or _quiet)
+    target = build_torch(source, target, full, precision, quant, progress or _quiet,
+                         device=device)
     if promote:
         EngineRegistry(root).promote_first(source.model_id, target.name)
     return target

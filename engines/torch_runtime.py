@@ -240,7 +240,10 @@ class TorchEngine:
                                   f"{int(array.max())}); not this engine's tokenizer?")
 
     def _run_chunk(self, lane: _Lane, batch: PaddedBatch) -> np.ndarray:
-        bucket = self.plan.bucket_for(batch.size, batch.length)
+        # Graphs need their captured shapes; eager runs take the batch as it is (padding to a
+        # bucket would only add work).
+        bucket = (self.plan.bucket_for(batch.size, batch.length) if self.graphs
+                  else Bucket(batch.size, batch.length))
         slab = pad_to_bucket(batch, bucket)
         try:
             if not self.cuda:

@@ -30,11 +30,14 @@ from qscore.config import DEFAULT_CHUNK_ITEMS, EngineSettings, RescoreSettings
 from qscore.logs import configure_logging
 from qscore.settings import (
     DEFAULT_ENGINE_DIR,
+    Backend,
     Calibration,
     CalibrationMethodOpt,
+    Device,
     EngineArtifact,
     EngineDir,
     EngineModel,
+    Graphs,
     LogLevel,
     MaxDrop,
     Precision,
@@ -65,15 +68,33 @@ Threads = Annotated[int | None, typer.Option(
 def _engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: str | None,
                      max_length: int | None, threads: int | None,
                      rebuild: bool = False, precision: str | None = None,
-                     quant: QuantSpec | None = None) -> EngineSettings:
+                     quant: QuantSpec | None = None, backend: str | None = None,
+                     devices: tuple[str, ...] = (), lanes: int | None = None,
+                     graphs: bool = True) -> EngineSettings:
     if head not in (None, "similarity", "classifier"):
         raise typer.BadParameter(f"--head must be similarity or classifier, not {head!r}")
-    if precision not in (None, "fp32", "int8"):
-        raise typer.BadParameter(f"--precision must be fp32 or int8, not {precision!r}")
+    if backend not in (None, "onnxruntime", "torch"):
+        raise typer.BadParameter(f"--backend must be onnxruntime or torch, not {backend!r}")
+    allowed = ("fp32", "fp16", "int8", "fp8") if backend == "torch" else ("fp32", "int8")
+    if precision not in (None, *allowed):
+        raise typer.BadParameter(f"--precision must be one of {', '.join(allowed)} for the "
+                                 f"{backend or 'onnxruntime'} backend, not {precision!r}")
+    for device in devices:
+        if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise typer.BadParameter(f"device {device!r}: use cuda:N or cpu")
     return EngineSettings(model=model, engine_dir=engine_dir, artifact=artifact,
                           head=head, max_length=max_length,  # type: ignore[arg-type]
                           threads=threads, rebuild=rebuild, precision=precision,
-                          quant=quant or QuantSpec())
+                          quant=quant or QuantSpec(), backend=backend, devices=devices,
+                          lanes=lanes, graphs=graphs)
+
+
+def device_list(text: str | None) -> tuple[str, ...]:
+    """'cuda:0, cuda:1' -> ('cuda:0', 'cuda:1'); a bare index N means cuda:N."""
+    if not text:
+        return ()
+    return tuple(f"cuda:{d}" if d.isdigit() else d
+                 for d in (part.strip() for part in text.split(",")) if d)
 
 
 def _fail(exc: Exception) -> None:
@@ -94,6 +115,12 @@ def rescore(
     head: Head = None,
     max_length: MaxLength = None,
     precision: Precision = None,
+    backend: Backend = None,
+    device: Device = None,
+    streams: Annotated[int | None, typer.Option(
+        "--streams", envvar="QSCORE_STREAMS", min=1, max=8, help="torch backend: CUDA streams "
+        "per engine (rescore drives one).")] = None,
+    graphs: Graphs = True,
     threads: Threads = None,
     fmt: Annotated[str, typer.Option("--format", envvar="QSCORE_FORMAT",
                                      help="auto | jsonl | tsv")] = "auto",
@@ -126,7 +153,8 @@ def rescore(
     settings = RescoreSettings(
         input=input, output=output,
         engine=_engine_settings(model, engine_dir, artifact, head, max_length, threads,
-                                precision=precision),
+                                precision=precision, backend=backend,
+                                devices=device_list(device), lanes=streams, graphs=graphs),
         batch=BatchLimits(max_batch=batch_size, token_budget=token_budget),
         limits=limits, chunk_items=chunk_items, fmt=fmt, progress=progress)
     if fmt not in ("auto", "jsonl", "tsv"):
@@ -181,6 +209,10 @@ def engine_build(
     rebuild: Annotated[bool, typer.Option(help="Build even if an intact one is cached.")]
     = False,
     precision: Precision = None,
+    backend: Backend = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", envvar="QSCORE_DEVICE", help="torch backend: where the accuracy check "
+        "runs (default: cuda:0 if visible, else the CPU emulates FP16/INT8/FP8).")] = None,
     level: QuantLevel = "auto",
     max_drop: MaxDrop = 0.005,
     calibration: Calibration = None,
@@ -200,16 +232,17 @@ def engine_build(
         quant = QuantSpec(level=level, max_drop=max_drop, method=calibration_method,
                           calibration=calibration)
         settings = _engine_settings(model, engine_dir, None, head, max_length, None, rebuild,
-                                    precision, quant)
+                                    precision, quant, backend=backend,
+                                    devices=device_list(device))
         # Straight to ensure_engine, not find_artifact: building must not stop at `current`.
         source = resolve_model(settings.model, head=settings.head,
                                max_length=settings.max_length)
         with err.status("building the engine") as status:
             path = ensure_engine(source, engine_dir, rebuild=rebuild, progress=status.update,
-                                 precision=settings.precision or (
-                                     "int8" if source.head == "similarity" else "fp32"),
-                                 quant=quant)
-            engine = load_engine(path, threads=1)
+                                 precision=settings.default_precision(source.head),
+                                 quant=quant, backend=settings.backend or "onnxruntime",
+                                 device=device)
+            engine = load_engine(path, threads=1, device=device, lanes=1, graphs=False)
         current = EngineRegistry(engine_dir).current(source.model_id)
     except (EngineError, OSError, ValueError) as exc:
         _fail(exc)

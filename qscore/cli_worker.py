@@ -17,15 +17,20 @@ from qscore.logs import configure_logging
 from qscore.metrics import serve_metrics
 from qscore.settings import (
     DEFAULT_ENGINE_DIR,
+    Backend,
     CacheTtl,
+    Devices,
     EngineArtifact,
     EngineDir,
     EngineModel,
+    Graphs,
     IdleExit,
     LogLevel,
     MetricsPort,
+    Precision,
     RedisCaCerts,
     RedisUrl,
+    Streams,
     kafka_command,
     redis_settings_from,
 )
@@ -53,8 +58,14 @@ def worker(
     model: EngineModel = "default",
     engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
     engines: Annotated[int, typer.Option(envvar="QSCORE_ENGINES", min=1, help=(
-        "Engine instances (slots). CPU: ONNX Runtime sessions; with 2+ the next batch is "
-        "formed while one runs."))] = 1,
+        "onnxruntime: engine instances (sessions); with 2+ the next batch is formed while "
+        "one runs. torch: ignored, one engine per --devices entry with --streams lanes."))]
+    = 1,
+    backend: Backend = None,
+    precision: Precision = None,
+    devices: Devices = None,
+    streams: Streams = 2,
+    graphs: Graphs = True,
     threads: Annotated[int | None, typer.Option(envvar="QSCORE_THREADS", min=1, help=(
         "Threads per engine instance (default: all cores / instances)."))] = None,
     max_batch: Annotated[int, typer.Option(envvar="QSCORE_MAX_BATCH", min=1, help=(
@@ -78,16 +89,34 @@ def worker(
     """Run a scoring worker: token batches in, scores out (SIGTERM drains and commits)."""
     import os
 
-    from engines.loader import load_engine
+    from engines.errors import EngineError
+    from engines.manifest import read_manifest
     from qscore.aio import run, stop_on_signals
     from qscore.cache import ResultCache
-    from qscore.engine import find_artifact
+    from qscore.cli import _engine_settings, device_list
+    from qscore.engine import find_artifact, load_for, serving_devices
     from workers.service import ScoringWorker, WorkerSettings
 
     configure_logging(log_level)
-    path = find_artifact(EngineSettings(model=model, engine_dir=engine_dir, artifact=artifact))
-    per_engine = threads or max(1, (os.cpu_count() or 1) // engines)
-    loaded = [load_engine(path, threads=per_engine) for _ in range(engines)]
+    engine_settings = _engine_settings(model, engine_dir, artifact, None, None, threads,
+                                       precision=precision, backend=backend,
+                                       devices=device_list(devices), lanes=streams,
+                                       graphs=graphs)
+    try:
+        path = find_artifact(engine_settings)
+        kind = read_manifest(path).backend
+        if kind == "onnxruntime":
+            per_engine = threads or max(1, (os.cpu_count() or 1) // engines)
+            loaded = [load_for(engine_settings, path, threads=per_engine)
+                      for _ in range(engines)]
+        else:
+            loaded = [load_for(engine_settings, path, device)
+                      for device in serving_devices(engine_settings, kind)]
+    except EngineError as exc:
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"engine {path.name}: {kind} {read_manifest(path).precision}, "
+              + ", ".join(f"{e.device} x{e.lanes} lanes" for e in loaded), soft_wrap=True)
     settings = WorkerSettings(
         kafka=kafka, topics=topics, group_id=group_id,
         batcher=BatcherSettings(max_batch=max_batch, token_budget=token_budget,
@@ -107,6 +136,7 @@ def worker(
                 "cache": lambda: cache.stats,
                 "queue": lambda: {"queue_depth": service.batcher.depth(),
                                   "busy_slots": service.pool.busy()},
+                "pool": service.pool.device_counters,
             })
         await service.start()
         try:

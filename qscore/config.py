@@ -29,12 +29,23 @@ class EngineSettings:
     artifact: Path | None = None  # load this artifact instead of building from `model`
     head: Head | None = None  # None: from the model's config
     max_length: int | None = None  # None: from the model's config
-    # None: the best the head allows (INT8 chosen by measurement for the similarity head,
-    # FP32 for classifiers, whose INT8 selection is not built yet).
+    # None: onnxruntime: INT8 chosen by measurement for the similarity head, FP32 for
+    # classifiers (whose INT8 selection is not built yet); torch: FP16.
     precision: str | None = None
     quant: QuantSpec = field(default_factory=QuantSpec)
     threads: int | None = None  # engine intra-op threads; None: all cores
     rebuild: bool = False
+    backend: str | None = None  # None: the promoted engine's, else onnxruntime
+    devices: tuple[str, ...] = ()  # torch: where engines run; (): cuda:0 / every GPU / cpu
+    lanes: int | None = None  # torch: streams per engine; None: 2 on a GPU, 1 on CPU
+    graphs: bool = True  # torch: CUDA graphs per shape bucket
+
+    def default_precision(self, head: str) -> str:
+        if self.precision is not None:
+            return self.precision
+        if self.backend == "torch":
+            return "fp16"
+        return "int8" if head == "similarity" else "fp32"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,10 @@ def find_artifact(settings: EngineSettings,
     source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
     if not settings.rebuild and (current := _promoted(settings, source.model_id)) is not None:
         return current
-    precision = settings.precision or ("int8" if source.head == "similarity" else "fp32")
-    return ensure_engine(source, settings.engine_dir, precision=precision, quant=settings.quant,
-                         rebuild=settings.rebuild, progress=progress)
+    return ensure_engine(source, settings.engine_dir,
+                         precision=settings.default_precision(source.head),
+                         quant=settings.quant, rebuild=settings.rebuild, progress=progress,
+                         backend=settings.backend or "onnxruntime")
 
 
 def _promoted(settings: EngineSettings, model_id: str) -> Path | None:
@@ -46,7 +47,7 @@ def _promoted(settings: EngineSettings, model_id: str) -> Path | None:
     path = registry.get(model_id)
     manifest = read_manifest(path)
     wanted = {"head": settings.head, "max_length": settings.max_length,
-              "precision": settings.precision}
+              "precision": settings.precision, "backend": settings.backend}
     if any(value is not None and getattr(manifest, name) != value
            for name, value in wanted.items()):
         log.info("engine.current_skipped", model_id=model_id, version=manifest.version,
@@ -65,13 +66,35 @@ def artifact_tokenizer(path: Path, manifest: Manifest) -> QueryTokenizer:
     return tokenizer
 
 
+def serving_devices(settings: EngineSettings, backend: str) -> list[str | None]:
+    """One entry per engine to load: the devices asked for, else every visible GPU for a
+    torch engine (cpu where there is none); [None] (the runtime's default) for onnxruntime."""
+    if backend == "onnxruntime":
+        return [None]
+    if settings.devices:
+        return list(settings.devices)
+    try:
+        import torch
+    except ImportError:
+        return [None]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+def load_for(settings: EngineSettings, path: Path, device: str | None = None,
+             threads: int | None = None) -> Engine:
+    return load_engine(path, threads=threads or settings.threads, device=device,
+                       lanes=settings.lanes, graphs=settings.graphs)
+
+
 def open_engine(settings: EngineSettings,
                 progress: Callable[[str], None] | None = None) -> tuple[Engine, QueryTokenizer]:
+    """The one engine an in-process command (rescore) uses: the first of `devices`."""
     path = find_artifact(settings, progress)
-    engine = load_engine(path, threads=settings.threads)
+    engine = load_for(settings, path, serving_devices(settings, read_manifest(path).backend)[0])
     manifest = engine.manifest
     tokenizer = artifact_tokenizer(path, manifest)
     log.info("engine.ready", model_id=manifest.model_id, version=manifest.version,
              backend=manifest.backend, precision=manifest.precision, head=manifest.head,
-             path=str(path))
+             device=engine.device, lanes=engine.lanes, path=str(path))
     return engine, tokenizer

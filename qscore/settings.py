@@ -113,8 +113,25 @@ EngineArtifact = Annotated[Path | None, typer.Option(
 EngineDir = Annotated[Path, typer.Option(
     "--engine-dir", envvar="QSCORE_ENGINE_DIR", help="Where built engines are cached.")]
 Precision = Annotated[str | None, typer.Option(
-    "--precision", envvar="QSCORE_PRECISION", help="fp32 or int8 (default: int8, chosen by "
-    "measurement, for similarity models; fp32 for classifiers).")]
+    "--precision", envvar="QSCORE_PRECISION", help="onnxruntime: fp32 or int8 (default: int8, "
+    "chosen by measurement, for similarity models; fp32 for classifiers). torch: fp32, fp16 "
+    "(default), int8 or fp8 (Ada/Hopper GPUs).")]
+Backend = Annotated[str | None, typer.Option(
+    "--backend", envvar="QSCORE_BACKEND", help="Runtime: onnxruntime (CPU) or torch (CUDA "
+    "GPUs: FP16/INT8/FP8, CUDA graphs, one stream per lane). Default: the promoted engine's, "
+    "else onnxruntime.")]
+Device = Annotated[str | None, typer.Option(
+    "--device", envvar="QSCORE_DEVICE", help="Where a torch engine runs: cuda:N or cpu "
+    "(default: cuda:0 when a GPU is visible).")]
+Devices = Annotated[str | None, typer.Option(
+    "--devices", envvar="QSCORE_DEVICES", help="torch backend: GPUs to serve on, comma-"
+    "separated (cuda:0,cuda:1; default: every visible GPU), one engine each.")]
+Streams = Annotated[int, typer.Option(
+    "--streams", envvar="QSCORE_STREAMS", min=1, max=8, help="torch backend: CUDA streams "
+    "(lanes) per engine; two overlap one batch's copies with another's compute.")]
+Graphs = Annotated[bool, typer.Option(
+    "--graphs/--no-graphs", envvar="QSCORE_CUDA_GRAPHS", help="torch backend: capture a CUDA "
+    "graph per shape bucket at load (off: eager launches, for debugging).")]
 QuantLevel = Annotated[str, typer.Option(
     "--level", envvar="QSCORE_INT8_LEVEL", help="INT8 quantization level: 1 (projection and "
     "feed-forward MatMuls), 2 (+ attention), 3 (everything), or auto (the fastest candidate, "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.buckets import BucketPlan
+from engines.buckets import BucketPlan, pad_to_bucket
 from engines.build import ensure_engine
 from engines.errors import ArtifactError, BackendUnavailable, BuildError, EngineError
 from engines.loader import load_engine
@@ -88,6 +88,14 @@ def test_bucket_padding_and_splitting_do_not_change_scores(
                                  for s in seqs])
     assert together.shape == (19, 384)
     np.testing.assert_allclose(together, one_by_one, atol=2e-5)
+    # What graphs replay: the batch padded to its bucket, filler rows included.
+    part = pad_sequences([np.array(s, dtype=np.int64) for s in seqs[:5]])
+    bucket = engine.plan.bucket_for(part.size, part.length)
+    assert bucket.batch == 8 and bucket.length >= part.length  # 3 filler rows
+    with torch.inference_mode():
+        padded = engine.model(*torch.from_numpy(pad_to_bucket(part, bucket))).numpy()
+    assert np.isfinite(padded).all()  # filler rows attend to one token: no NaN
+    np.testing.assert_allclose(padded[:5], one_by_one[:5], atol=2e-5)
 
 
 def test_lanes_share_one_engine_and_are_checked(torch_artifacts: dict[str, Path]) -> None:
