@@ -29,7 +29,7 @@ from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource
 
 BUILD_FORMAT = 1  # bump when export/optimise changes what an artifact contains
 PRECISIONS = ("fp32", "int8")  # onnxruntime; the torch backend's are in engines.torch_runtime
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 # FP32 ONNX Runtime vs PyTorch on the same weights: anything below this is a broken export.
 MIN_COSINE = 0.9999
 MAX_PROB_DIFF = 1e-4
@@ -80,11 +80,10 @@ def ensure_engine(
     wait for an explicit `EngineRegistry.promote` (qscore engine promote).
     Backend "torch" artifacts (GPU runtime) are built by `engines.build_torch`."""
     if backend not in BACKENDS:
-        raise BuildError(f"backend {backend!r} not supported; choose {BACKENDS} (TensorRT "
-                         "plans are built on a GPU host: see docs/tensorrt.md)")
-    if backend == "torch":
-        return _ensure_torch(source, root, precision, quant or QuantSpec(), rebuild,
-                             progress, promote, device)
+        raise BuildError(f"backend {backend!r} not supported; choose {BACKENDS}")
+    if backend in ("torch", "tensorrt"):
+        return _ensure_gpu(source, root, backend, precision, quant or QuantSpec(), rebuild,
+                           progress, promote, device)
     if precision not in PRECISIONS:
         raise BuildError(f"precision {precision!r} not supported; choose {PRECISIONS}")
     say = progress or _quiet
@@ -117,11 +116,14 @@ def ensure_engine(
     return target
 
 
-def _ensure_torch(source: ModelSource, root: Path, precision: str, quant: QuantSpec,
-                  rebuild: bool, progress: Progress | None, promote: bool,
-                  device: str | None) -> Path:
-    from engines.build_torch import build_torch
+def _ensure_gpu(source: ModelSource, root: Path, backend: str, precision: str,
+                quant: QuantSpec, rebuild: bool, progress: Progress | None, promote: bool,
+                device: str | None) -> Path:
+    """GPU backends: torch (engines.build_torch) and TensorRT (engines.tensorrt.artifact)."""
+    if backend == "tensorrt":
+        from engines.tensorrt.availability import require_tensorrt
 
+        require_tensorrt()  # before hashing gigabytes or exporting anything
     extra: dict[str, object] = {}
     if precision in ("int8", "fp8"):
         extra = {"max_drop": quant.max_drop, "max_exclude": quant.max_exclude}
@@ -130,7 +132,7 @@ def _ensure_torch(source: ModelSource, root: Path, precision: str, quant: QuantS
         from engines.source import default_sample_log
 
         extra["calibration"] = file_digest(quant.calibration or default_sample_log())
-    full = content_hash(source, precision, "torch", extra)
+    full = content_hash(source, precision, backend, extra)
     target = artifact_dir(root, source.model_id, full[:12])
     if target.exists() and not rebuild:
         try:
@@ -141,8 +143,15 @@ def _ensure_torch(source: ModelSource, root: Path, precision: str, quant: QuantS
             if promote:
                 EngineRegistry(root).promote_first(source.model_id, target.name)
             return target
-    target = build_torch(source, target, full, precision, quant, progress or _quiet,
-                         device=device)
+    if backend == "torch":
+        from engines.build_torch import build_torch
+
+        target = build_torch(source, target, full, precision, quant, progress or _quiet,
+                             device=device)
+    else:
+        from engines.tensorrt.artifact import build_tensorrt
+
+        target = build_tensorrt(source, target, full, precision, quant, progress or _quiet)
     if promote:
         EngineRegistry(root).promote_first(source.model_id, target.name)
     return target

@@ -73,9 +73,11 @@ def _engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: 
                      graphs: bool = True) -> EngineSettings:
     if head not in (None, "similarity", "classifier"):
         raise typer.BadParameter(f"--head must be similarity or classifier, not {head!r}")
-    if backend not in (None, "onnxruntime", "torch"):
-        raise typer.BadParameter(f"--backend must be onnxruntime or torch, not {backend!r}")
-    allowed = ("fp32", "fp16", "int8", "fp8") if backend == "torch" else ("fp32", "int8")
+    if backend not in (None, "onnxruntime", "torch", "tensorrt"):
+        raise typer.BadParameter(f"--backend must be onnxruntime, torch or tensorrt, not "
+                                 f"{backend!r}")
+    allowed = {"torch": ("fp32", "fp16", "int8", "fp8"), "tensorrt": ("fp16", "int8")}.get(
+        backend or "", ("fp32", "int8"))
     if precision not in (None, *allowed):
         raise typer.BadParameter(f"--precision must be one of {', '.join(allowed)} for the "
                                  f"{backend or 'onnxruntime'} backend, not {precision!r}")

@@ -45,6 +45,8 @@ class EngineSettings:
             return self.precision
         if self.backend == "torch":
             return "fp16"
+        if self.backend == "tensorrt":
+            return "int8"
         return "int8" if head == "similarity" else "fp32"
 
 

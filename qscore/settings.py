@@ -117,9 +117,9 @@ Precision = Annotated[str | None, typer.Option(
     "chosen by measurement, for similarity models; fp32 for classifiers). torch: fp32, fp16 "
     "(default), int8 or fp8 (Ada/Hopper GPUs).")]
 Backend = Annotated[str | None, typer.Option(
-    "--backend", envvar="QSCORE_BACKEND", help="Runtime: onnxruntime (CPU) or torch (CUDA "
-    "GPUs: FP16/INT8/FP8, CUDA graphs, one stream per lane). Default: the promoted engine's, "
-    "else onnxruntime.")]
+    "--backend", envvar="QSCORE_BACKEND", help="Runtime: onnxruntime (CPU), torch (CUDA "
+    "GPUs: FP16/INT8/FP8, CUDA graphs, one stream per lane) or tensorrt (INT8/FP16 plans; "
+    "needs tensorrt + pycuda). Default: the promoted engine's, else onnxruntime.")]
 Device = Annotated[str | None, typer.Option(
     "--device", envvar="QSCORE_DEVICE", help="Where a torch engine runs: cuda:N or cpu "
     "(default: cuda:0 when a GPU is visible).")]

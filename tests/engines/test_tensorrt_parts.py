@@ -431,3 +431,13 @@ def test_engine_refuses_a_plan_from_another_tensorrt(monkeypatch: pytest.MonkeyP
     art = _artifact(tmp_path / "art", "tensorrt", built_with="10.3.0")
     with pytest.raises(ArtifactError, match=r"built with TensorRT 10\.3\.0.*10\.4\.0.*rebuild"):
         TensorRTEngine(art)
+
+
+def test_building_a_tensorrt_artifact_without_tensorrt_fails_fast_and_leaves_nothing(
+        no_tensorrt: None, tmp_path: Path) -> None:
+    from engines.build import ensure_engine
+
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt pycuda"):
+        ensure_engine(resolve_model("default"), tmp_path, precision="int8",
+                      backend="tensorrt")
+    assert not any(tmp_path.rglob("*"))  # refused before any export or temp directory

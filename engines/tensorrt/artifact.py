@@ -1,0 +1,128 @@
+"""Build a TensorRT artifact: raw ONNX export -> plan (INT8 entropy-calibrated, or FP16) ->
+accuracy check against PyTorch FP32 on real queries -> manifest.
+
+The raw export (not ONNX Runtime's fused graph, whose com.microsoft operators TensorRT cannot
+parse) is kept in the artifact: a plan only loads on the GPU architecture and TensorRT version
+that built it, and is rebuilt from that file elsewhere. TensorRT is required before any work
+starts, so a machine without it fails in a second with the install hint, not after an export.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engines.buckets import BucketPlan
+from engines.errors import BuildError
+from engines.manifest import Manifest, hash_files, list_files, write_manifest
+from engines.quantize import QuantSpec, split_texts
+from engines.source import TOKENIZER_FILES, ModelSource, default_sample_log
+from engines.tensorrt.availability import require_tensorrt
+from engines.tensorrt.build import CALIBRATION_CACHE, ONNX_FILE, PLAN_FILE, build_plan
+
+Progress = Callable[[str], None]
+CONTEXTS = 2  # one optimisation profile per execution context: two lanes
+CALIBRATION_BATCH = 16
+CALIBRATION_BATCHES = 32
+FP16_MIN_COSINE = 0.999
+
+
+def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision: str,
+                   quant: QuantSpec, say: Progress) -> Path:
+    require_tensorrt()
+    from engines.build import _move_into_place
+    from engines.build_torch import _encode, _outputs
+    from engines.export import export_onnx
+    from engines.tensorrt.calibration import CalibrationBatches
+    from engines.tensorrt.runtime import TensorRTEngine
+    from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
+
+    if source.head != "similarity" and precision == "int8":
+        raise BuildError("INT8 accuracy is measured as embedding cosine; classifier heads "
+                         "build as --precision fp16 on TensorRT")
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    try:
+        (work / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, work / "tokenizer" / name)
+        tokenizer = QueryTokenizer(work / "tokenizer" / "tokenizer.json", source.max_length,
+                                   pairs=source.head == "classifier")
+        say(f"exporting {source.model_id} to ONNX for TensorRT")
+        reference = export_onnx(source, work / ONNX_FILE)
+        calibrate, validate = split_texts(quant.calibration or default_sample_log())
+        batches = None
+        if precision == "int8":
+            batches = CalibrationBatches(calibrate, tokenizer, batch_size=CALIBRATION_BATCH,
+                                         max_batches=CALIBRATION_BATCHES)
+        plan = BucketPlan.for_model(source.max_length)
+        facts = build_plan(work / ONNX_FILE, work / PLAN_FILE, plan=plan, precision=precision,
+                           calibration="entropy", batches=batches,
+                           cache_path=work / CALIBRATION_CACHE, contexts=CONTEXTS,
+                           progress=say)
+        device_bytes = int(facts.get("device_memory_bytes") or 0)
+        io_bytes = plan.max_tokens * 8 * 3 + plan.max_batch * source.hidden_size * 4
+        manifest = Manifest(
+            model_id=source.model_id, version=full_hash[:12], content_hash=full_hash,
+            precision=precision, backend="tensorrt", head=source.head,
+            max_length=source.max_length,
+            output_dim=source.hidden_size if source.head == "similarity" else 1,
+            tokenizer_id=tokenizer_id_of(work / "tokenizer" / "tokenizer.json"),
+            files=hash_files(work, list_files(work)), created_at=time.time(),
+            num_labels=source.num_labels, positive_label=source.positive_label,
+            memory_bytes=(work / PLAN_FILE).stat().st_size + CONTEXTS * (device_bytes
+                                                                          + io_bytes),
+            build=facts,
+        )
+        write_manifest(work, manifest)
+        say(f"checking the plan against PyTorch FP32 on {min(len(validate), 600)} queries")
+        checked = _encode(tokenizer, validate[:600])
+        ref = _outputs(reference, checked, "cpu")
+        engine = TensorRTEngine(work, lanes=1, verify=False)
+        try:
+            got = np.empty_like(ref)
+            for rows, batch in checked:
+                got[rows] = engine.run(batch)
+        finally:
+            engine.close()
+        report = _judge(source, precision, quant, ref, got)
+        manifest = Manifest(**{**{k: getattr(manifest, k) for k in
+                                  manifest.__dataclass_fields__},
+                               "accuracy": {"reference": "pytorch-fp32",
+                                            "queries": len(ref), **report}})
+        manifest.build["seconds"] = round(time.perf_counter() - started, 2)
+        write_manifest(work, manifest)
+        _move_into_place(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def _judge(source: ModelSource, precision: str, quant: QuantSpec, ref: np.ndarray,
+           got: np.ndarray) -> dict[str, float]:
+    if source.head != "similarity":
+        diff = float(np.abs(ref - got).max())
+        if diff > 1e-2:
+            raise BuildError(f"TensorRT FP16 plan differs from FP32 by {diff:.2e} probability")
+        return {"max_abs_prob_diff": diff}
+    from engines.build_torch import cosines
+
+    cos = cosines(ref, got)
+    report = {"mean_cosine": float(cos.mean()), "p1_cosine": float(np.percentile(cos, 1)),
+              "min_cosine": float(cos.min())}
+    if precision == "fp16" and report["min_cosine"] < FP16_MIN_COSINE:
+        raise BuildError(f"TensorRT FP16 plan is not within {FP16_MIN_COSINE} cosine of FP32 "
+                         f"on every query: {report}")
+    if precision == "int8" and (report["mean_cosine"] < 1 - quant.max_drop
+                                or report["p1_cosine"] < 1 - 4 * quant.max_drop):
+        raise BuildError(f"TensorRT INT8 plan misses max_drop {quant.max_drop}: {report}; "
+                         "use --precision fp16, or explicit Q/DQ (docs/tensorrt.md)")
+    return {k: round(v, 6) for k, v in report.items()}
