@@ -1,0 +1,124 @@
+"""The fleet on a GPU: tokenizer service -> broker -> ScoringWorker on a 2-lane CUDA engine.
+
+Real items go in through a QueryProducer and come back from the score topic; each score must
+equal what the CPU ONNX Runtime FP32 engine gives within FP16's bound. Redis is used where
+`redis-server` is on PATH; without it both services cache in process (the cache is an
+accelerator, never a dependency), which is how GPU hosts without Redis run this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.protocol import Engine
+from engines.torch_runtime import TorchEngine, TorchOptions
+from qscore.cache import CacheSettings, ResultCache
+from qscore.client import QueryProducer, ScoreConsumer
+from qscore.kafka import KafkaSettings, Topics
+from qscore.localservices import RedisServer
+from schemas import ItemScore, QueryItem
+from tests.integration.fleet_helpers import (
+    CreateTopic,
+    in_process_tokenizer,
+    kafka_settings,
+    make_topics,
+    sample_batches,
+)
+from tokenizer_svc.tokenization import QueryTokenizer
+from workers.microbatcher import BatcherSettings
+from workers.scoring import BatchLimits, run_token_batch
+from workers.service import ScoringWorker, WorkerSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MIN_EMBEDDING_COSINE = 0.999  # FP16 against FP32, per item
+MAX_SCORE_DIFF = 2e-3  # a (query, doc) cosine score, FP16 against FP32
+
+
+@pytest.fixture
+def optional_redis_url() -> Iterator[str | None]:
+    if shutil.which("redis-server") is None:
+        yield None
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@contextlib.asynccontextmanager
+async def gpu_worker(kafka: KafkaSettings, topics: Topics, engine: TorchEngine,
+                     cache: CacheSettings, group: str) -> AsyncIterator[ScoringWorker]:
+    result_cache = ResultCache(cache, engine.manifest.version)
+    await result_cache.start()
+    worker = ScoringWorker(WorkerSettings(kafka=kafka, topics=topics, group_id=group,
+                                          batcher=BatcherSettings(max_wait_ms=2)),
+                           [engine], result_cache)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 60)
+        await worker.stop()  # closes the engine
+        await result_cache.close()
+
+
+def onnx_scores(engine: Engine, tokenizer: QueryTokenizer,
+                batches: dict[str, list[QueryItem]]) -> dict[str, dict[str, ItemScore]]:
+    out = {}
+    for batch_id, items in batches.items():
+        tb = tokenizer.token_batch(batch_id, items, submitted_at=0.0)
+        out[batch_id] = {s.id: s for s in run_token_batch(engine, tb, BatchLimits()).items}
+    return out
+
+
+async def test_worker_on_a_two_lane_gpu_engine_scores_like_onnx_fp32(
+        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str,
+        optional_redis_url: str | None, gpu_artifact: Callable[[str], Path],
+        onnx_reference: Engine, gpu_tokenizer: QueryTokenizer) -> None:
+    artifact = gpu_artifact("fp16")
+    kafka = kafka_settings(kafka_bootstrap)
+    topics = await make_topics(create_topic, topic_name, partitions=2)
+    cache = CacheSettings(redis_url=optional_redis_url, key_prefix=topic_name)
+    batches = sample_batches(15, 20, max_docs=2, tag="g")  # 300 items, with and without docs
+    expected = {b: [it.id for it in items] for b, items in batches.items()}
+    engine = TorchEngine(artifact, options=TorchOptions(device="cuda:0", lanes=2))
+    assert engine.lanes == 2 and engine.graphs
+    async with (in_process_tokenizer(kafka, topics, artifact, cache, f"{topic_name}-t"),
+                gpu_worker(kafka, topics, engine, cache, f"{topic_name}-w") as worker,
+                QueryProducer(kafka, topics) as producer,
+                ScoreConsumer(kafka, topics) as consumer):
+        sent = [await producer.send(items, batch_id=b) for b, items in batches.items()]
+        await asyncio.gather(*sent)
+        scores = await consumer.collect(expected, timeout=180)
+        stats = worker.stats
+        slots = [s.batches for s in worker.pool.slot_stats]
+
+    assert sum(len(v) for v in scores.values()) == 300
+    assert stats.messages == len(batches) and stats.batches == sum(slots) and len(slots) == 2
+    want = onnx_scores(onnx_reference, gpu_tokenizer, batches)
+    with_docs = 0
+    for batch_id, items in scores.items():
+        for item_id, got in items.items():
+            ref = want[batch_id][item_id]
+            assert got.error is None and not got.cached
+            assert got.model_version == engine.manifest.version
+            assert len(got.scores) == len(ref.scores)
+            if ref.embedding is not None:
+                assert got.embedding is not None
+                a, b = np.asarray(got.embedding), np.asarray(ref.embedding)
+                cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+                assert cosine >= MIN_EMBEDDING_COSINE, (batch_id, item_id, cosine)
+            if ref.scores:
+                with_docs += 1
+                diff = np.abs(np.asarray(got.scores) - np.asarray(ref.scores)).max()
+                assert diff <= MAX_SCORE_DIFF, (batch_id, item_id, diff)
+    assert 0 < with_docs < 300  # both representations were checked
