@@ -15,7 +15,9 @@ import numpy as np
 
 from workers.batching import PaddedBatch
 
-DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+# Finer where batches are common: 10 is Bing's serving batch, and a padded row costs as much
+# as a real one. Graphs of one lane share a memory pool, so more buckets cost capture time only.
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64)
 DEFAULT_LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 DEFAULT_MAX_TOKENS = 64 * 256  # padded tokens of the largest shape prepared
 
