@@ -285,8 +285,8 @@ def choose(fp32: Path, work: Path, spec: QuantSpec, tokenizer: object, say: Prog
     ranked: list[str] | None = None
     for level in levels:
         base = build(Candidate(f"level{level}-{spec.method}", level, spec.method))
-        if base.meets(budget) or spec.level != "auto":
-            continue
+        if base.meets(budget) or spec.level != "auto" or spec.max_exclude < 1:
+            continue  # (ranking measures every node alone: only when exclusions may follow)
         if ranked is None:
             ranked = sensitivity(fp32, work, spec, ev, calib_batches, say)
         in_level = [n for n in ranked if n.split("\0")[1] in LEVELS[level]]
