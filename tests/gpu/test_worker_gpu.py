@@ -85,13 +85,26 @@ async def test_worker_on_a_two_lane_gpu_engine_scores_like_onnx_fp32(
         optional_redis_url: str | None, gpu_artifact: Callable[[str], Path],
         onnx_reference: Engine, gpu_tokenizer: QueryTokenizer) -> None:
     artifact = gpu_artifact("fp16")
-    kafka = kafka_settings(kafka_bootstrap)
-    topics = await make_topics(create_topic, topic_name, partitions=2)
-    cache = CacheSettings(redis_url=optional_redis_url, key_prefix=topic_name)
-    batches = sample_batches(15, 20, max_docs=2, tag="g")  # 300 items, with and without docs
-    expected = {b: [it.id for it in items] for b, items in batches.items()}
     engine = TorchEngine(artifact, options=TorchOptions(device="cuda:0", lanes=2))
     assert engine.lanes == 2 and engine.graphs
+    await fleet_matches_reference(kafka_bootstrap, create_topic, topic_name,
+                                  optional_redis_url, artifact, engine, onnx_reference,
+                                  gpu_tokenizer, n_batches=15, per_batch=20)
+
+
+async def fleet_matches_reference(kafka_bootstrap: str, create_topic: CreateTopic,
+                                  topic_name: str, redis_url: str | None, artifact: Path,
+                                  engine: TorchEngine, reference: Engine,
+                                  tokenizer: QueryTokenizer, *, n_batches: int,
+                                  per_batch: int) -> None:
+    """Items through tokenizer service, broker and a worker on `engine` (2 lanes) come back
+    complete, each within FP16's bound of `reference` (the FP32 ONNX Runtime engine)."""
+    kafka = kafka_settings(kafka_bootstrap)
+    topics = await make_topics(create_topic, topic_name, partitions=2)
+    cache = CacheSettings(redis_url=redis_url, key_prefix=topic_name)
+    total = n_batches * per_batch
+    batches = sample_batches(n_batches, per_batch, max_docs=2, tag="g")  # with and without docs
+    expected = {b: [it.id for it in items] for b, items in batches.items()}
     async with (in_process_tokenizer(kafka, topics, artifact, cache, f"{topic_name}-t"),
                 gpu_worker(kafka, topics, engine, cache, f"{topic_name}-w") as worker,
                 QueryProducer(kafka, topics) as producer,
@@ -102,9 +115,9 @@ async def test_worker_on_a_two_lane_gpu_engine_scores_like_onnx_fp32(
         stats = worker.stats
         slots = [s.batches for s in worker.pool.slot_stats]
 
-    assert sum(len(v) for v in scores.values()) == 300
+    assert sum(len(v) for v in scores.values()) == total
     assert stats.messages == len(batches) and stats.batches == sum(slots) and len(slots) == 2
-    want = onnx_scores(onnx_reference, gpu_tokenizer, batches)
+    want = onnx_scores(reference, tokenizer, batches)
     with_docs = 0
     for batch_id, items in scores.items():
         for item_id, got in items.items():
@@ -121,4 +134,4 @@ async def test_worker_on_a_two_lane_gpu_engine_scores_like_onnx_fp32(
                 with_docs += 1
                 diff = np.abs(np.asarray(got.scores) - np.asarray(ref.scores)).max()
                 assert diff <= MAX_SCORE_DIFF, (batch_id, item_id, diff)
-    assert 0 < with_docs < 300  # both representations were checked
+    assert 0 < with_docs < total  # both representations were checked
