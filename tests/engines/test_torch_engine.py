@@ -206,3 +206,32 @@ def test_bucket_plan_covers_every_length() -> None:
     assert plan.split(150, 256) == [(0, 64), (64, 128), (128, 150)]
     with pytest.raises(ValueError, match=r"outside 1\.\.256"):
         plan.length_for(257)
+
+
+def test_cli_runs_torch_engines_and_refuses_bad_options(
+        torch_artifacts: dict[str, Path], engine_root: Path, tmp_path: Path) -> None:
+    import orjson
+    from typer.testing import CliRunner
+
+    from qscore.cli import app
+    from tests.engines.test_onnx_engine import SAMPLE
+
+    run = CliRunner().invoke
+    dirs = ["--engine-dir", str(engine_root)]
+    small = tmp_path / "in.jsonl"
+    small.write_bytes(b"\n".join(SAMPLE.read_bytes().splitlines()[:30]) + b"\n")
+    out = tmp_path / "out.jsonl"
+    bad = run(app, ["rescore", str(small), "-o", str(out), "--backend", "torch",
+                    "--precision", "int4", *dirs])
+    assert bad.exit_code == 2 and "fp32, fp16, int8, fp8" in bad.output
+    ok = run(app, ["rescore", str(small), "-o", str(out), "--backend", "torch", "--device",
+                   "cpu", "--no-progress", *dirs])
+    assert ok.exit_code == 0, ok.output
+    rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(rows) == 30
+    # The fp16 artifact the fixture built: found by content hash, not built again.
+    assert {r["model_version"] for r in rows} == {torch_artifacts["fp16"].name}
+    if not torch.cuda.is_available():
+        gpu = run(app, ["worker", "--backend", "torch", "--devices", "cuda:0", *dirs,
+                        "--bootstrap-servers", "127.0.0.1:9"])
+        assert gpu.exit_code == 2 and "sees no CUDA GPU" in gpu.output
