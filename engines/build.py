@@ -98,15 +98,8 @@ def ensure_engine(
         extra = quant_options(quant)
     full = content_hash(source, precision, "onnxruntime", extra)
     target = artifact_dir(root, source.model_id, full[:12])
-    if target.exists() and not rebuild:
-        try:
-            verify_artifact(target)
-        except ArtifactError as exc:
-            (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
-        else:
-            if promote:
-                EngineRegistry(root).promote_first(source.model_id, target.name)
-            return target
+    if (cached := _cached(target, root, source.model_id, rebuild, progress, promote)):
+        return cached
     if fp32 is not None:
         target = _build_int8(fp32, target, full, quant or QuantSpec(), say)
     else:
@@ -134,15 +127,8 @@ def _ensure_gpu(source: ModelSource, root: Path, backend: str, precision: str,
         extra["calibration"] = file_digest(quant.calibration or default_sample_log())
     full = content_hash(source, precision, backend, extra)
     target = artifact_dir(root, source.model_id, full[:12])
-    if target.exists() and not rebuild:
-        try:
-            verify_artifact(target)
-        except ArtifactError as exc:
-            (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
-        else:
-            if promote:
-                EngineRegistry(root).promote_first(source.model_id, target.name)
-            return target
+    if (cached := _cached(target, root, source.model_id, rebuild, progress, promote)):
+        return cached
     if backend == "torch":
         from engines.build_torch import build_torch
 
@@ -155,6 +141,36 @@ def _ensure_gpu(source: ModelSource, root: Path, backend: str, precision: str,
     if promote:
         EngineRegistry(root).promote_first(source.model_id, target.name)
     return target
+
+
+def _cached(target: Path, root: Path, model_id: str, rebuild: bool,
+            progress: Progress | None, promote: bool) -> Path | None:
+    """The intact artifact already at `target` (promoted if it is the model's first), or None
+    when there is none, a rebuild is asked for, or it fails verification."""
+    if not target.exists() or rebuild:
+        return None
+    try:
+        verify_artifact(target)
+    except ArtifactError as exc:
+        (progress or _quiet)(f"cached engine is unusable ({exc.problem}); rebuilding")
+        return None
+    if promote:
+        EngineRegistry(root).promote_first(model_id, target.name)
+    return target
+
+
+def new_work_dir(source: ModelSource, target: Path) -> Path:
+    """A build directory beside `target` holding the model's tokenizer files.
+
+    Builds happen there and end in one rename (`_move_into_place`): a crash leaves a temp
+    dir, never a half artifact."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    (work / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            shutil.copy2(source.path / name, work / "tokenizer" / name)
+    return work
 
 
 def quant_options(quant: QuantSpec) -> dict[str, object]:
@@ -224,14 +240,8 @@ def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precis
     from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
 
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: a crash leaves a temp dir, never a half artifact.
-    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    work = new_work_dir(source, target)
     try:
-        (work / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (source.path / name).is_file():
-                shutil.copy2(source.path / name, work / "tokenizer" / name)
         say(f"exporting {source.model_id} ({source.head} head) to ONNX")
         raw = work.parent / f"{work.name}.raw.onnx"
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
 from engines.quantize import QuantSpec, split_texts
-from engines.source import TOKENIZER_FILES, ModelSource, default_sample_log
+from engines.source import ModelSource, default_sample_log
 
 FP16_MIN_COSINE = 0.999  # per item, against FP32
 FP16_MAX_PROB_DIFF = 1e-2  # classifier heads
@@ -41,6 +40,7 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
                 quant: QuantSpec, say: Progress, *, device: str | None = None) -> Path:
     import torch
 
+    from engines.build import _move_into_place, new_work_dir
     from engines.export import _load_torch_model, head_module
     from engines.torch_model import EncoderConfig, save_encoder, state_from_hf
     from engines.torch_runtime import PRECISIONS, memory_estimate
@@ -53,13 +53,8 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
         raise BuildError("INT8/FP8 selection measures embedding cosine to FP32; classifier "
                          "heads build as fp16 or fp32 on the torch backend")
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    work = new_work_dir(source, target)
     try:
-        (work / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (source.path / name).is_file():
-                shutil.copy2(source.path / name, work / "tokenizer" / name)
         say(f"loading {source.model_id} ({source.head} head) for the torch backend")
         hf = _load_torch_model(source)
         reference = head_module(source, hf)
@@ -93,8 +88,6 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
             accuracy=report,
         )
         write_manifest(work, manifest)
-        from engines.build import _move_into_place
-
         _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

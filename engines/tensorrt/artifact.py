@@ -10,7 +10,6 @@ starts, so a machine without it fails in a second with the install hint, not aft
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from engines.buckets import BucketPlan
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
 from engines.quantize import QuantSpec, split_texts
-from engines.source import TOKENIZER_FILES, ModelSource, default_sample_log
+from engines.source import ModelSource, default_sample_log
 from engines.tensorrt.availability import require_tensorrt
 from engines.tensorrt.build import CALIBRATION_CACHE, ONNX_FILE, PLAN_FILE, build_plan
 
@@ -35,7 +34,7 @@ FP16_MIN_COSINE = 0.999
 def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision: str,
                    quant: QuantSpec, say: Progress) -> Path:
     require_tensorrt()
-    from engines.build import _move_into_place
+    from engines.build import _move_into_place, new_work_dir
     from engines.build_torch import _encode, _outputs
     from engines.export import export_onnx
     from engines.tensorrt.calibration import CalibrationBatches
@@ -46,13 +45,8 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
         raise BuildError("INT8 accuracy is measured as embedding cosine; classifier heads "
                          "build as --precision fp16 on TensorRT")
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
+    work = new_work_dir(source, target)
     try:
-        (work / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (source.path / name).is_file():
-                shutil.copy2(source.path / name, work / "tokenizer" / name)
         tokenizer = QueryTokenizer(work / "tokenizer" / "tokenizer.json", source.max_length,
                                    pairs=source.head == "classifier")
         say(f"exporting {source.model_id} to ONNX for TensorRT")

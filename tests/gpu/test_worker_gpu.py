@@ -9,9 +9,8 @@ accelerator, never a dependency), which is how GPU hosts without Redis run this.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +18,20 @@ import pytest
 
 from engines.protocol import Engine
 from engines.torch_runtime import TorchEngine, TorchOptions
-from qscore.cache import CacheSettings, ResultCache
+from qscore.cache import CacheSettings
 from qscore.client import QueryProducer, ScoreConsumer
-from qscore.kafka import KafkaSettings, Topics
 from qscore.localservices import RedisServer
 from schemas import ItemScore, QueryItem
 from tests.integration.fleet_helpers import (
     CreateTopic,
     in_process_tokenizer,
+    in_process_worker,
     kafka_settings,
     make_topics,
     sample_batches,
 )
 from tokenizer_svc.tokenization import QueryTokenizer
-from workers.microbatcher import BatcherSettings
 from workers.scoring import BatchLimits, run_token_batch
-from workers.service import ScoringWorker, WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,26 +46,6 @@ def optional_redis_url() -> Iterator[str | None]:
         return
     with RedisServer() as server:
         yield server.url
-
-
-@contextlib.asynccontextmanager
-async def gpu_worker(kafka: KafkaSettings, topics: Topics, engine: TorchEngine,
-                     cache: CacheSettings, group: str) -> AsyncIterator[ScoringWorker]:
-    result_cache = ResultCache(cache, engine.manifest.version)
-    await result_cache.start()
-    worker = ScoringWorker(WorkerSettings(kafka=kafka, topics=topics, group_id=group,
-                                          batcher=BatcherSettings(max_wait_ms=2)),
-                           [engine], result_cache)
-    await worker.start()
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.request_stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 60)
-        await worker.stop()  # closes the engine
-        await result_cache.close()
 
 
 def onnx_scores(engine: Engine, tokenizer: QueryTokenizer,
@@ -106,7 +83,8 @@ async def fleet_matches_reference(kafka_bootstrap: str, create_topic: CreateTopi
     batches = sample_batches(n_batches, per_batch, max_docs=2, tag="g")  # with and without docs
     expected = {b: [it.id for it in items] for b, items in batches.items()}
     async with (in_process_tokenizer(kafka, topics, artifact, cache, f"{topic_name}-t"),
-                gpu_worker(kafka, topics, engine, cache, f"{topic_name}-w") as worker,
+                in_process_worker(kafka, topics, artifact, cache, f"{topic_name}-w",
+                                  engine) as worker,
                 QueryProducer(kafka, topics) as producer,
                 ScoreConsumer(kafka, topics) as consumer):
         sent = [await producer.send(items, batch_id=b) for b, items in batches.items()]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 
+from engines.protocol import Engine
 from qscore.cache import CacheSettings
 from qscore.fleet import ServiceProcess
 from qscore.kafka import KafkaSettings, Topics
@@ -71,11 +72,14 @@ async def in_process_tokenizer(kafka: KafkaSettings, topics: Topics, artifact: P
 
 @contextlib.asynccontextmanager
 async def in_process_worker(kafka: KafkaSettings, topics: Topics, artifact: Path,
-                            cache: CacheSettings, group: str) -> AsyncIterator[ScoringWorker]:
+                            cache: CacheSettings, group: str,
+                            engine: Engine | None = None) -> AsyncIterator[ScoringWorker]:
+    """A ScoringWorker on `engine` (default: `artifact` loaded on CPU) until the block ends;
+    stopping it closes the engine."""
     from engines.loader import load_engine
     from qscore.cache import ResultCache
 
-    engine = load_engine(artifact, threads=2)
+    engine = engine or load_engine(artifact, threads=2)
     result_cache = ResultCache(cache, engine.manifest.version)
     await result_cache.start()
     worker = ScoringWorker(WorkerSettings(kafka=kafka, topics=topics, group_id=group,
