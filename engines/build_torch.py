@@ -25,7 +25,7 @@ import numpy as np
 
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
-from engines.quantize import QuantSpec, split_texts
+from engines.quantize import QuantSpec, encode_texts, split_texts
 from engines.source import ModelSource, default_sample_log
 
 FP16_MIN_COSINE = 0.999  # per item, against FP32
@@ -95,16 +95,6 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
     return target
 
 
-def _encode(tokenizer: Any, texts: list[str], max_batch: int = 64) -> list[tuple[np.ndarray, Any]]:
-    from schemas import QueryItem
-    from workers.batching import pad_sequences, plan_batches
-
-    tb = tokenizer.token_batch("check", [QueryItem(id=str(i), query=t)
-                                         for i, t in enumerate(texts)], submitted_at=0)
-    return [(rows, pad_sequences([tb.sequence(int(j)) for j in rows]))
-            for rows in plan_batches(tb.lengths, max_batch=max_batch, token_budget=1 << 20)]
-
-
 def _outputs(model: Any, batches: list[tuple[np.ndarray, Any]], device: Any) -> np.ndarray:
     import torch
 
@@ -135,7 +125,7 @@ def _implementation_check(cfg: Any, state: dict[str, Any], reference: Any,
     model = Encoder(cfg)
     model.load_state_dict(state)
     model.eval()
-    batches = _encode(tokenizer, list(CHECK_TEXTS))
+    batches = encode_texts(tokenizer, list(CHECK_TEXTS))
     ours, ref = _outputs(model, batches, "cpu"), _outputs(reference, batches, "cpu")
     if cfg.head == "similarity":
         low = float(cosines(ref, ours).min())
@@ -165,7 +155,7 @@ def _precision_check(cfg: Any, state: dict[str, Any], precision: str, quant: Qua
     source = quant.calibration or default_sample_log()
     _, validate = split_texts(source)
     texts = validate[:CHECK_QUERIES]
-    batches = _encode(tokenizer, texts)
+    batches = encode_texts(tokenizer, texts)
     base = Encoder(cfg)
     base.load_state_dict(state)
     base.eval()

@@ -26,6 +26,7 @@ import numpy as np
 
 from engines.errors import BuildError
 from engines.onnx_runtime import ort_feed
+from workers.batching import PaddedBatch, pad_sequences, plan_batches
 
 LEVELS = {"1": ["MatMul"], "2": ["MatMul", "Attention"],
           "3": ["MatMul", "Attention", "EmbedLayerNormalization", "Gather"]}
@@ -105,6 +106,18 @@ def load_pairs(path: Path, limit: int = 1500) -> tuple[list[str], list[str]]:
     return queries[:limit], docs[:limit]
 
 
+def encode_texts(tokenizer: object, texts: list[str],
+                 max_batch: int = 64) -> list[tuple[np.ndarray, PaddedBatch]]:
+    """Texts as length-sorted padded batches, each with the text indices of its rows: the
+    fixed batches every accuracy check runs models on."""
+    from schemas import QueryItem
+
+    tb = tokenizer.token_batch(  # type: ignore[attr-defined]
+        "q", [QueryItem(id=str(i), query=t) for i, t in enumerate(texts)], submitted_at=0)
+    return [(rows, pad_sequences([tb.sequence(int(j)) for j in rows]))
+            for rows in plan_batches(tb.lengths, max_batch=max_batch, token_budget=1 << 20)]
+
+
 class Evaluator:
     """Runs models on fixed, length-sorted batches and compares them with the FP32 model."""
 
@@ -118,13 +131,7 @@ class Evaluator:
         self.fp32_rate = self.fp32[3]
 
     def _batches(self, texts: list[str]) -> list[tuple[np.ndarray, object]]:
-        from schemas import QueryItem
-        from workers.batching import pad_sequences, plan_batches
-
-        tb = self.tokenizer.token_batch(  # type: ignore[attr-defined]
-            "q", [QueryItem(id=str(i), query=t) for i, t in enumerate(texts)], submitted_at=0)
-        return [(rows, pad_sequences([tb.sequence(int(j)) for j in rows]))
-                for rows in plan_batches(tb.lengths, max_batch=64, token_budget=1 << 20)]
+        return encode_texts(self.tokenizer, texts)  # type: ignore[return-value]
 
     def _run(self, session, batches, names) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
         n = sum(len(rows) for rows, _ in batches)

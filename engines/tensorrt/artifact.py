@@ -19,7 +19,7 @@ import numpy as np
 from engines.buckets import BucketPlan
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
-from engines.quantize import QuantSpec, split_texts
+from engines.quantize import QuantSpec, encode_texts, split_texts
 from engines.source import ModelSource, default_sample_log
 from engines.tensorrt.availability import require_tensorrt
 from engines.tensorrt.build import CALIBRATION_CACHE, ONNX_FILE, PLAN_FILE, build_plan
@@ -35,7 +35,7 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
                    quant: QuantSpec, say: Progress) -> Path:
     require_tensorrt()
     from engines.build import _move_into_place, new_work_dir
-    from engines.build_torch import _encode, _outputs
+    from engines.build_torch import _outputs
     from engines.export import export_onnx
     from engines.tensorrt.calibration import CalibrationBatches
     from engines.tensorrt.runtime import TensorRTEngine
@@ -77,7 +77,7 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
         )
         write_manifest(work, manifest)
         say(f"checking the plan against PyTorch FP32 on {min(len(validate), 600)} queries")
-        checked = _encode(tokenizer, validate[:600])
+        checked = encode_texts(tokenizer, validate[:600])
         ref = _outputs(reference, checked, "cpu")
         engine = TensorRTEngine(work, lanes=1, verify=False)
         try:
