@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,18 +160,23 @@ def _cached(target: Path, root: Path, model_id: str, rebuild: bool,
     return target
 
 
-def new_work_dir(source: ModelSource, target: Path) -> Path:
-    """A build directory beside `target` holding the model's tokenizer files.
-
-    Builds happen there and end in one rename (`_move_into_place`): a crash leaves a temp
-    dir, never a half artifact."""
+@contextlib.contextmanager
+def build_dir(source: ModelSource, target: Path) -> Iterator[Path]:
+    """A build directory beside `target` holding the model's tokenizer files; when the block
+    ends cleanly it becomes the artifact in one rename, else it is removed: a crash leaves a
+    temp dir at worst, never a half artifact."""
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".build-{target.name}-", dir=target.parent))
-    (work / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        if (source.path / name).is_file():
-            shutil.copy2(source.path / name, work / "tokenizer" / name)
-    return work
+    try:
+        (work / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, work / "tokenizer" / name)
+        yield work
+        _move_into_place(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def quant_options(quant: QuantSpec) -> dict[str, object]:
@@ -240,8 +246,7 @@ def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precis
     from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
 
     started = time.perf_counter()
-    work = new_work_dir(source, target)
-    try:
+    with build_dir(source, target) as work:
         say(f"exporting {source.model_id} ({source.head} head) to ONNX")
         raw = work.parent / f"{work.name}.raw.onnx"
         try:
@@ -272,10 +277,6 @@ def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precis
                                "output_dim": output_dim})
         manifest.build["seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(work, manifest)
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 

@@ -15,7 +15,6 @@ in milliseconds, so one artifact per precision records the choice and its measur
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
                 quant: QuantSpec, say: Progress, *, device: str | None = None) -> Path:
     import torch
 
-    from engines.build import _move_into_place, new_work_dir
+    from engines.build import build_dir
     from engines.export import _load_torch_model, head_module
     from engines.torch_model import EncoderConfig, save_encoder, state_from_hf
     from engines.torch_runtime import PRECISIONS, memory_estimate
@@ -53,8 +52,7 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
         raise BuildError("INT8/FP8 selection measures embedding cosine to FP32; classifier "
                          "heads build as fp16 or fp32 on the torch backend")
     started = time.perf_counter()
-    work = new_work_dir(source, target)
-    try:
+    with build_dir(source, target) as work:
         say(f"loading {source.model_id} ({source.head} head) for the torch backend")
         hf = _load_torch_model(source)
         reference = head_module(source, hf)
@@ -88,10 +86,6 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
             accuracy=report,
         )
         write_manifest(work, manifest)
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 

@@ -9,7 +9,7 @@ starts, so a machine without it fails in a second with the install hint, not aft
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +34,7 @@ FP16_MIN_COSINE = 0.999
 def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision: str,
                    quant: QuantSpec, say: Progress) -> Path:
     require_tensorrt()
-    from engines.build import _move_into_place, new_work_dir
+    from engines.build import build_dir
     from engines.build_torch import _outputs
     from engines.export import export_onnx
     from engines.tensorrt.calibration import CalibrationBatches
@@ -45,8 +45,7 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
         raise BuildError("INT8 accuracy is measured as embedding cosine; classifier heads "
                          "build as --precision fp16 on TensorRT")
     started = time.perf_counter()
-    work = new_work_dir(source, target)
-    try:
+    with build_dir(source, target) as work:
         tokenizer = QueryTokenizer(work / "tokenizer" / "tokenizer.json", source.max_length,
                                    pairs=source.head == "classifier")
         say(f"exporting {source.model_id} to ONNX for TensorRT")
@@ -87,16 +86,10 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
         finally:
             engine.close()
         report = _judge(source, precision, quant, ref, got)
-        manifest = Manifest(**{**{k: getattr(manifest, k) for k in
-                                  manifest.__dataclass_fields__},
-                               "accuracy": {"reference": "pytorch-fp32",
-                                            "queries": len(ref), **report}})
+        manifest = dataclasses.replace(manifest, accuracy={
+            "reference": "pytorch-fp32", "queries": len(ref), **report})
         manifest.build["seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(work, manifest)
-        _move_into_place(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 
