@@ -30,15 +30,21 @@ def _pad_rows(x: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
     return x if target == m else F.pad(x, (0, 0, 0, target - m))
 
 
+def _per_channel(linear: nn.Linear, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights scaled per output channel into [-qmax, qmax] (fp32, [out, in]) and the scales
+    as a contiguous fp32 [1, out] row, the layout both GEMMs broadcast against."""
+    w = linear.weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=_EPS) / qmax
+    return (w / scale[:, None]).clamp(-qmax, qmax), scale[None, :].contiguous()
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=_EPS) / _INT8_MAX
+        w, scale = _per_channel(linear, _INT8_MAX)
         # [out, in] row-major; `.t()` at call time is the column-major operand cuBLASLt wants.
-        self.register_buffer("weight_q", torch.round(w / scale[:, None])
-                             .clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8))
-        self.register_buffer("weight_scale", scale.float()[None, :])
+        self.register_buffer("weight_q", torch.round(w).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", linear.bias.detach().to(out_dtype))
         self.out_dtype = out_dtype
 
@@ -62,11 +68,9 @@ class Int8Linear(nn.Module):
 class Fp8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=_EPS) / _FP8_MAX
-        self.register_buffer("weight_q", (w / scale[:, None]).clamp(-_FP8_MAX, _FP8_MAX)
-                             .to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale.float()[None, :].contiguous())
+        w, scale = _per_channel(linear, _FP8_MAX)
+        self.register_buffer("weight_q", w.to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", linear.bias.detach().to(out_dtype))
         self.out_dtype = out_dtype
 
