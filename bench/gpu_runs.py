@@ -62,21 +62,32 @@ def time_lanes(lane_call: Callable[[int], int], lanes: int, calls: int,
         for _ in range(warmup):
             lane_call(lane)
     share = [calls // lanes + (1 if i < calls % lanes else 0) for i in range(lanes)]
-    barrier = threading.Barrier(lanes + 1)
     per_lane = [Timing() for _ in range(lanes)]
+
+    def drive(lane: int) -> None:
+        for _ in range(share[lane]):
+            t0 = time.perf_counter()
+            per_lane[lane].items += lane_call(lane)
+            per_lane[lane].call_ms.append((time.perf_counter() - t0) * 1000)
+
+    elapsed = _run_threads(drive, lanes, "bench-lane")
+    return _merged(per_lane, elapsed)
+
+
+def _run_threads(body: Callable[[int], None], lanes: int, name: str) -> float:
+    """`body(i)` on `lanes` threads released together by a barrier; returns the wall seconds
+    from the release until the last one ends, or raises the first error any of them hit."""
+    barrier = threading.Barrier(lanes + 1)
     errors: list[BaseException] = []
 
     def drive(lane: int) -> None:
         barrier.wait()
         try:
-            for _ in range(share[lane]):
-                t0 = time.perf_counter()
-                per_lane[lane].items += lane_call(lane)
-                per_lane[lane].call_ms.append((time.perf_counter() - t0) * 1000)
+            body(lane)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=drive, args=(i,), name=f"bench-lane-{i}")
+    threads = [threading.Thread(target=drive, args=(i,), name=f"{name}-{i}")
                for i in range(lanes)]
     for t in threads:
         t.start()
@@ -87,6 +98,10 @@ def time_lanes(lane_call: Callable[[int], int], lanes: int, calls: int,
     elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
+    return elapsed
+
+
+def _merged(per_lane: list[Timing], elapsed: float) -> Timing:
     return Timing(items=sum(t.items for t in per_lane), elapsed_s=elapsed,
                   call_ms=[ms for t in per_lane for ms in t.call_ms])
 
@@ -103,35 +118,18 @@ def drain_batches(run: Callable[[PaddedBatch, int], np.ndarray],
         work.put(None)
     outputs = np.zeros((n_items, dim), dtype=np.float32)
     per_lane = [Timing() for _ in range(lanes)]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(lanes + 1)
 
     def drive(lane: int) -> None:
-        barrier.wait()
-        try:
-            while (item := work.get()) is not None:
-                rows, batch = item
-                t0 = time.perf_counter()
-                out = run(batch, lane)
-                per_lane[lane].call_ms.append((time.perf_counter() - t0) * 1000)
-                per_lane[lane].items += len(rows)
-                outputs[rows] = out.reshape(len(rows), -1)
-        except BaseException as exc:
-            errors.append(exc)
+        while (item := work.get()) is not None:
+            rows, batch = item
+            t0 = time.perf_counter()
+            out = run(batch, lane)
+            per_lane[lane].call_ms.append((time.perf_counter() - t0) * 1000)
+            per_lane[lane].items += len(rows)
+            outputs[rows] = out.reshape(len(rows), -1)
 
-    threads = [threading.Thread(target=drive, args=(i,), name=f"bench-drain-{i}")
-               for i in range(lanes)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return outputs, Timing(items=sum(t.items for t in per_lane), elapsed_s=elapsed,
-                           call_ms=[ms for t in per_lane for ms in t.call_ms])
+    elapsed = _run_threads(drive, lanes, "bench-drain")
+    return outputs, _merged(per_lane, elapsed)
 
 
 class HfEncoder:
