@@ -32,8 +32,8 @@ def bare_engine(path: Path, queries: list[str], max_batch: int,
     """Engine alone on the same real queries: items/s at full batches (the ceiling), and the
     time of one call the size of one message (the low-load latency floor)."""
     from engines.loader import load_engine
+    from engines.tokenizer import QueryTokenizer
     from schemas import QueryItem
-    from tokenizer_svc.tokenization import QueryTokenizer
     from workers.scoring import BatchLimits, run_token_batch
 
     engine = load_engine(path)
@@ -60,7 +60,7 @@ async def broker_hop_ms(bootstrap: str, topic: str, n: int = 50) -> float:
     with the same client settings the fleet uses on the embedded broker."""
     from aiokafka import AIOKafkaConsumer
 
-    from qscore.kafka import KafkaSettings, make_producer
+    from plumbing.kafka import KafkaSettings, make_producer
 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                 auto_offset_reset="latest", fetch_max_wait_ms=2)
@@ -94,7 +94,7 @@ async def run_step(bootstrap: str, topics, messages, rate_items: float,  # type:
                    per_message: int, seconds: float) -> dict[str, float]:
     from aiokafka import AIOKafkaConsumer
 
-    from qscore.kafka import KafkaSettings, make_producer
+    from plumbing.kafka import KafkaSettings, make_producer
     from schemas import encode_token_batch
 
     n_messages = max(1, int(rate_items * seconds / per_message))
@@ -163,17 +163,17 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
+    from engines.select import EngineSettings, find_artifact
     from engines.source import resolve_model
-    from qscore.config import EngineSettings
-    from qscore.engine import find_artifact
-    from qscore.fleet import ServiceProcess
-    from qscore.kafka import KafkaSettings, Topics, ensure_topics
-    from qscore.localservices import EmbeddedBroker, free_port
+    from engines.tokenizer import QueryTokenizer
+    from plumbing.kafka import KafkaSettings, Topics, ensure_topics
+    from qscore.cli.options import DEFAULT_ENGINE_DIR
+    from qscore.local.fleet import ServiceProcess
+    from qscore.local.servers import EmbeddedBroker, free_port
     from schemas import QueryItem
-    from tokenizer_svc.tokenization import QueryTokenizer
 
     queries, source_name = load_queries(args.queries)
-    path = find_artifact(EngineSettings())
+    path = find_artifact(EngineSettings(engine_dir=DEFAULT_ENGINE_DIR))
     source = resolve_model("default")
     capacity, small_call_ms = bare_engine(path, queries[:2000], args.max_batch,
                                           args.items_per_message)

@@ -36,9 +36,9 @@ def zipf_stream(queries: list[str], n: int, s: float, seed: int = 7) -> list[str
 async def run_fleet(bootstrap: str, artifact: Path, warmup: list[str], stream: list[str],
                     per_batch: int, redis_url: str | None) -> dict[str, float]:
     from engines.loader import load_engine
-    from qscore.cache import CacheSettings, ResultCache
+    from plumbing.cache import CacheSettings
+    from plumbing.kafka import KafkaSettings, Topics, ensure_topics
     from qscore.client import QueryProducer, ScoreConsumer
-    from qscore.kafka import KafkaSettings, Topics, ensure_topics
     from schemas import QueryItem
     from tokenizer_svc.service import TokenizerService, TokenizerServiceSettings
     from workers.service import ScoringWorker, WorkerSettings
@@ -53,10 +53,8 @@ async def run_fleet(bootstrap: str, artifact: Path, warmup: list[str], stream: l
         kafka=kafka, topics=topics, cache=cache, artifact=artifact, processes=1,
         group_id=f"{topics.scores}-t"))
     engine = load_engine(artifact)
-    worker_cache = ResultCache(cache, engine.manifest.version)
-    await worker_cache.start()
-    worker = ScoringWorker(WorkerSettings(kafka=kafka, topics=topics,
-                                          group_id=f"{topics.scores}-w"), [engine], worker_cache)
+    worker = ScoringWorker(WorkerSettings(kafka=kafka, topics=topics, cache=cache,
+                                          group_id=f"{topics.scores}-w"), [engine])
     await tokenizer.start()
     await worker.start()
     tasks = [asyncio.create_task(tokenizer.run()), asyncio.create_task(worker.run())]
@@ -88,7 +86,6 @@ async def run_fleet(bootstrap: str, artifact: Path, warmup: list[str], stream: l
         await asyncio.gather(*tasks, return_exceptions=True)
         await tokenizer.stop()
         await worker.stop()
-        await worker_cache.close()
     items = sum(len(v) for v in scores.values())
     cached = sum(s.cached for v in scores.values() for s in v.values())
     return {"items": items, "seconds": elapsed, "items_per_s": items / elapsed,
@@ -105,10 +102,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from qscore.config import EngineSettings
-    from qscore.engine import find_artifact
-    from qscore.localservices import EmbeddedBroker, RedisServer
-    from qscore.logs import configure_logging
+    from engines.select import EngineSettings, find_artifact
+    from plumbing.logs import configure_logging
+    from qscore.cli.options import DEFAULT_ENGINE_DIR
+    from qscore.local.servers import EmbeddedBroker, RedisServer
 
     if not shutil.which("redis-server"):
         sys.exit("bench/cache.py needs redis-server on PATH (apt-get install redis-server)")
@@ -117,7 +114,7 @@ def main() -> None:
     warmup = zipf_stream(queries, args.items, args.zipf, seed=1)
     stream = zipf_stream(queries, args.items, args.zipf, seed=2)
     distinct = len(set(stream))
-    artifact = find_artifact(EngineSettings())
+    artifact = find_artifact(EngineSettings(engine_dir=DEFAULT_ENGINE_DIR))
     results = {}
     with EmbeddedBroker() as broker, RedisServer() as redis:
         for name, url in (("no cache", None), ("Redis result cache", redis.url)):

@@ -57,7 +57,7 @@ def hf_batched(model, tokenizer, queries, batch, max_length):  # type: ignore[no
 
 def qscore_engine(engine, tokenizer, queries, batch):  # type: ignore[no-untyped-def]
     """qscore: fast tokenizer -> TokenBatch -> length-sorted micro-batches -> ORT engine."""
-    from qscore.config import DEFAULT_CHUNK_ITEMS
+    from qscore.offline.rescore import DEFAULT_CHUNK_ITEMS
     from schemas import QueryItem
     from workers.scoring import BatchLimits, run_token_batch
 
@@ -102,9 +102,9 @@ def precision_rows(fp32_path: Path, root: Path, report: list[str], calibration: 
     from engines.loader import load_engine
     from engines.quantize import QuantSpec, load_pairs, spearman
     from engines.source import default_sample_log, resolve_model
-    from qscore.config import DEFAULT_CHUNK_ITEMS
+    from engines.tokenizer import QueryTokenizer
+    from qscore.offline.rescore import DEFAULT_CHUNK_ITEMS
     from schemas import QueryItem
-    from tokenizer_svc.tokenization import QueryTokenizer
     from workers.scoring import BatchLimits, run_token_batch
 
     source = resolve_model("default")
@@ -188,7 +188,7 @@ def main() -> None:
     from engines.build import ensure_engine
     from engines.loader import load_engine
     from engines.source import resolve_model
-    from tokenizer_svc.tokenization import QueryTokenizer
+    from engines.tokenizer import QueryTokenizer
 
     queries, source_name = load_queries(args.queries)
     queries = queries[: args.n]

@@ -45,7 +45,7 @@ from bench.gpu_runs import (
     time_calls,
     time_lanes,
 )
-from workers.batching import PaddedBatch, pad_sequences, plan_batches
+from engines.batch import PaddedBatch, pad_sequences, plan_batches
 
 MODEL_ENV = "QSCORE_TEST_MODEL"  # a model directory standing in for the default model
 JSON_PATH = ROOT / "docs" / "engine_gpu.json"
@@ -241,8 +241,8 @@ def _row(name: str, batch: int, seq: int, t: Timing, base: Timing, cos: float,
 def part_real(args: argparse.Namespace, lab: Lab, source: Any, hf_dtype: Any,
               fp8: bool) -> tuple[list[dict[str, Any]], str]:
     from engines.quantize import QuantSpec
+    from engines.tokenizer import QueryTokenizer
     from schemas import QueryItem
-    from tokenizer_svc.tokenization import QueryTokenizer
 
     queries, where = load_queries(args.queries)
     queries = queries[: args.n]

@@ -26,8 +26,8 @@ PRECISIONS = ("fp16", "int8", "fp8")
 
 
 def embed(engine, tokenizer, queries: list[str]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    from engines.batch import pad_sequences, plan_batches
     from schemas import QueryItem
-    from workers.batching import pad_sequences, plan_batches
 
     tb = tokenizer.token_batch("acc", [QueryItem(id=str(i), query=q)
                                        for i, q in enumerate(queries)], submitted_at=0.0)
@@ -48,8 +48,8 @@ def main() -> None:
     from engines.loader import load_engine
     from engines.quantize import QuantSpec
     from engines.source import resolve_model
+    from engines.tokenizer import QueryTokenizer
     from engines.torch_runtime import TorchEngine, TorchOptions
-    from tokenizer_svc.tokenization import QueryTokenizer
 
     queries, where = load_queries(args.queries)
     split = len(queries) * 4 // 7  # the same split as bench/engine_cpu.py

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.batching import PaddedBatch
+from engines.batch import PaddedBatch
 
 
 @dataclass(slots=True)

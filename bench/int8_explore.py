@@ -22,8 +22,8 @@ from bench.common import load_queries, machine, markdown_table, write_section
 
 
 def batches_of(tokenizer, queries: list[str]):  # type: ignore[no-untyped-def]
+    from engines.batch import pad_sequences, plan_batches
     from schemas import QueryItem
-    from workers.batching import pad_sequences, plan_batches
 
     tb = tokenizer.token_batch("q", [QueryItem(id=str(i), query=q)
                                      for i, q in enumerate(queries)], submitted_at=0)
@@ -77,12 +77,12 @@ def main() -> None:
         quantize_static,
     )
 
-    from qscore.config import EngineSettings
-    from qscore.engine import find_artifact
-    from tokenizer_svc.tokenization import QueryTokenizer
+    from engines.select import EngineSettings, find_artifact
+    from engines.tokenizer import QueryTokenizer
+    from qscore.cli.options import DEFAULT_ENGINE_DIR
 
     queries, source_name = load_queries(args.queries)
-    path = find_artifact(EngineSettings())
+    path = find_artifact(EngineSettings(engine_dir=DEFAULT_ENGINE_DIR))
     fp32 = str(path / "model.onnx")
     tok = QueryTokenizer(path / "tokenizer" / "tokenizer.json", 256, pairs=False)
     report = batches_of(tok, queries[: args.n])

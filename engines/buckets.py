@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.batching import PaddedBatch
+from engines.batch import PaddedBatch
 
 # Finer where batches are common: 10 is Bing's serving batch, and a padded row costs as much
 # as a real one. Graphs of one lane share a memory pool, so more buckets cost capture time only.

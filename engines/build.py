@@ -113,7 +113,7 @@ def ensure_engine(
 def _ensure_gpu(source: ModelSource, root: Path, backend: str, precision: str,
                 quant: QuantSpec, rebuild: bool, progress: Progress | None, promote: bool,
                 device: str | None) -> Path:
-    """GPU backends: torch (engines.build_torch) and TensorRT (engines.tensorrt.artifact)."""
+    """GPU backends: torch (engines.build_torch) and TensorRT (engines.build_tensorrt)."""
     if backend == "tensorrt":
         from engines.tensorrt.availability import require_tensorrt
 
@@ -136,7 +136,7 @@ def _ensure_gpu(source: ModelSource, root: Path, backend: str, precision: str,
         target = build_torch(source, target, full, precision, quant, progress or _quiet,
                              device=device)
     else:
-        from engines.tensorrt.artifact import build_tensorrt
+        from engines.build_tensorrt import build_tensorrt
 
         target = build_tensorrt(source, target, full, precision, quant, progress or _quiet)
     if promote:
@@ -193,7 +193,7 @@ def quant_options(quant: QuantSpec) -> dict[str, object]:
 def _build_int8(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
                 say: Progress) -> Path:
     from engines.quantize import choose, install
-    from tokenizer_svc.tokenization import QueryTokenizer
+    from engines.tokenizer import QueryTokenizer
 
     started = time.perf_counter()
     base = read_manifest(fp32)
@@ -243,7 +243,7 @@ def _build(source: ModelSource, root: Path, target: Path, full_hash: str, precis
     import onnxruntime
 
     from engines.export import export_onnx, optimize_onnx
-    from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
+    from engines.tokenizer import QueryTokenizer, tokenizer_id_of
 
     started = time.perf_counter()
     with build_dir(source, target) as work:
@@ -293,10 +293,10 @@ def _fields(manifest: Manifest) -> dict[str, object]:
 
 def _check_accuracy(source: ModelSource, module: object, tokenizer: object,
                     artifact: Path) -> tuple[dict[str, float], int]:
+    from engines.batch import pad_sequences
     from engines.export import CHECK_TEXTS, pytorch_outputs
     from engines.onnx_runtime import OnnxRuntimeEngine
     from schemas import QueryItem
-    from workers.batching import pad_sequences
 
     items = [QueryItem(id=str(i), query=CHECK_TEXTS[i], docs=(CHECK_TEXTS[-1 - i],))
              for i in range(len(CHECK_TEXTS) // 2)]

@@ -41,9 +41,9 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
 
     from engines.build import build_dir
     from engines.export import _load_torch_model, head_module
+    from engines.tokenizer import QueryTokenizer, tokenizer_id_of
     from engines.torch_model import EncoderConfig, save_encoder, state_from_hf
     from engines.torch_runtime import PRECISIONS, memory_estimate
-    from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
 
     if precision not in PRECISIONS:
         raise BuildError(f"precision {precision!r} not supported by the torch backend; choose "

@@ -13,11 +13,12 @@ from engines.protocol import Engine
 
 def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
                 check_memory: bool = True, device: str | None = None,
-                lanes: int | None = None, graphs: bool = True) -> Engine:
+                lanes: int | None = None, graphs: bool = True, spin: bool = True) -> Engine:
     """Load an artifact on its backend's runtime.
 
     `device`, `lanes` and `graphs` apply to GPU runtimes (torch, tensorrt); they check the
-    device's own free memory, the CPU runtime the host's."""
+    device's own free memory, the CPU runtime the host's. `spin` off makes ONNX Runtime's idle
+    threads yield their cores (for hosts shared with other busy processes)."""
     manifest = read_manifest(Path(path))
     if manifest.backend == "onnxruntime":
         if check_memory:
@@ -27,7 +28,7 @@ def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
         except ImportError as exc:
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime"
                                      ) from exc
-        return OnnxRuntimeEngine(Path(path), threads=threads, verify=verify)
+        return OnnxRuntimeEngine(Path(path), threads=threads, verify=verify, spin=spin)
     if manifest.backend == "torch":
         try:
             from engines.torch_runtime import TorchEngine, TorchOptions

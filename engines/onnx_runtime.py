@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.errors import ArtifactError, EngineError
 from engines.export import INPUT_NAMES
 from engines.manifest import Manifest, read_manifest, verify_artifact
-from workers.batching import PaddedBatch, pad_sequences
 
 BACKEND = "onnxruntime"
 
@@ -26,7 +26,8 @@ def ort_feed(batch: PaddedBatch, names: Collection[str]) -> dict[str, np.ndarray
 class OnnxRuntimeEngine:
     """One ONNX Runtime session over a verified artifact."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, verify: bool = True) -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, verify: bool = True,
+                 spin: bool = True) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -42,7 +43,7 @@ class OnnxRuntimeEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        if os.environ.get("QSCORE_ORT_NO_SPIN"):
+        if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(

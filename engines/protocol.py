@@ -7,8 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from engines.batch import PaddedBatch
 from engines.manifest import Manifest
-from workers.batching import PaddedBatch
 
 
 @runtime_checkable

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.batch import PaddedBatch, pad_sequences, plan_batches
 from engines.errors import BuildError
 from engines.onnx_runtime import ort_feed
-from workers.batching import PaddedBatch, pad_sequences, plan_batches
 
 LEVELS = {"1": ["MatMul"], "2": ["MatMul", "Attention"],
           "3": ["MatMul", "Attention", "EmbedLayerNormalization", "Gather"]}

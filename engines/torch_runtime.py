@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.buckets import Bucket, BucketPlan, pad_to_bucket
 from engines.errors import ArtifactError, BackendUnavailable, EngineDead, EngineError
 from engines.manifest import Manifest, read_manifest, verify_artifact
 from engines.memory import check_fits, host_available_bytes
 from engines.torch_model import CONFIG_NAME, Encoder, EncoderConfig, load_encoder
 from engines.torch_quant import QUANT_PRECISIONS, fp8_supported, quantize_linears
-from workers.batching import PaddedBatch, pad_sequences
 
 BACKEND = "torch"
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")

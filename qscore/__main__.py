@@ -1,5 +1,5 @@
 """`python -m qscore` runs the command line (how `qscore up` starts its services)."""
 
-from qscore.cli import app
+from qscore.cli.app import app
 
 app(prog_name="qscore")

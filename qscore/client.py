@@ -24,7 +24,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError
 
-from qscore.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from schemas import (
     DEFAULT_LIMITS,
     ItemScore,

@@ -12,7 +12,7 @@ The header holds batch_id, item_ids, tokenizer_id, max_length, submitted_at, rep
 priority, n_seq, n_ids, id_width (2 or 4), has_type_ids and has_keys. Sequence i is
 ``input_ids[offsets[i]:offsets[i+1]]``; it belongs to item ``item_ids[seq_item[i]]`` and is the
 query alone (``seq_doc[i] == -1``) or the query paired with doc ``seq_doc[i]``.
-``cache_keys[i]`` is the 16-byte result-cache digest of sequence i (qscore.cache.key_digest):
+``cache_keys[i]`` is the 16-byte result-cache digest of sequence i (plumbing.cache.key_digest):
 the worker sees only token ids, so the tokenizer ships the keys it looked up for it to write
 results through under.
 """

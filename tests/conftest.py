@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from qscore.localservices import EMBEDDED_BROKER_CONSUMER_OPTIONS, EmbeddedBroker, RedisServer
+from qscore.local.servers import EMBEDDED_BROKER_CONSUMER_OPTIONS, EmbeddedBroker, RedisServer
 
 # Engine fixtures build real engines lazily, once per session, only for tests that use them.
 pytest_plugins = ["tests.engine_fixtures"]
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
-    """Async tests run on uvloop where it is installed, as the services do (qscore.aio.run)."""
+    """Async tests run on uvloop where it is installed, as the services do (plumbing.aio.run)."""
     try:
         import uvloop
     except ImportError:

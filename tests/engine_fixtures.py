@@ -11,7 +11,7 @@ from engines.build import ensure_engine
 from engines.loader import load_engine
 from engines.protocol import Engine
 from engines.source import default_model_path, resolve_model
-from tokenizer_svc.tokenization import QueryTokenizer
+from engines.tokenizer import QueryTokenizer
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from engines.tokenizer import QueryTokenizer
 from schemas import (
     Limits,
     Priority,
@@ -37,7 +38,6 @@ from schemas import (
     decode_query_batch,
     encode_token_batch,
 )
-from tokenizer_svc.tokenization import QueryTokenizer
 from tokenizer_svc.units import ItemKeys, item_keys, sequence_keys
 
 log = structlog.get_logger(__name__)

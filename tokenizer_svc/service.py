@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Self
@@ -28,10 +29,12 @@ import orjson
 import structlog
 from aiokafka import ConsumerRecord
 
+from engines.errors import ArtifactError
 from engines.manifest import Manifest, read_manifest
-from qscore.cache import CacheSettings, ResultCache
-from qscore.kafka import KafkaSettings, Topics
-from qscore.pipeline import PipelineSettings, RecordPipeline
+from engines.tokenizer import check_artifact_tokenizer
+from plumbing.cache import CacheSettings, ResultCache
+from plumbing.kafka import KafkaSettings, Topics
+from plumbing.pipeline import PipelineSettings, RecordPipeline
 from schemas import (
     DEFAULT_LIMITS,
     ItemScore,
@@ -44,7 +47,6 @@ from schemas import (
     encode_score_batch,
 )
 from tokenizer_svc.pool import Prepared, Tokenized, TokenizerPool, TokenizerSpec
-from tokenizer_svc.tokenization import tokenizer_id_of
 from tokenizer_svc.units import ItemKeys, cached_item
 
 log = structlog.get_logger(__name__)
@@ -115,15 +117,20 @@ class TokenizerService:
         return self.settings.artifact / "tokenizer" / "tokenizer.json"
 
     def _check_tokenizer(self) -> None:
-        # The same check as qscore.engine.artifact_tokenizer, without loading a tokenizer here.
-        path = self._tokenizer_json
-        if not path.is_file():
-            raise TokenizerServiceError(f"{self.settings.artifact}: no tokenizer/tokenizer.json")
-        found = tokenizer_id_of(path)
-        if found != self.manifest.tokenizer_id:
-            raise TokenizerServiceError(
-                f"{path}: tokenizer {found} differs from the one the engine was built with "
-                f"({self.manifest.tokenizer_id}); rebuild or re-copy the artifact")
+        try:
+            check_artifact_tokenizer(self.settings.artifact, self.manifest)
+        except ArtifactError as exc:
+            raise TokenizerServiceError(str(exc)) from None
+
+    def metrics(self) -> dict[str, Callable[[], object]]:
+        """Sources of the service's Prometheus metrics (plumbing.metrics.serve_metrics)."""
+        return {
+            "tokenizer": lambda: self.stats,
+            "pipeline": lambda: self.pipeline.stats,
+            "cache": lambda: self.cache.stats,
+            "pool": lambda: {"restarts": self.pool.restarts,
+                             "in_flight": self.pipeline.tracker.in_flight()},
+        }
 
     @property
     def stats(self) -> TokenizerStats:
@@ -215,7 +222,7 @@ class TokenizerService:
         topic = batch.reply_topic or self.settings.topics.scores
         sends = []
         for message in encode_scores_to_fit(scores, self.settings.limits):
-            sends.append(await self.pipeline.producer.send(topic, message, key=key))
+            sends.append(await self.pipeline.send(topic, message, key=key))
             self._stats.score_batches += 1
         return sends
 
@@ -236,7 +243,7 @@ class TokenizerService:
             self._stats.truncated += result.truncated
             self._stats.tokenize_seconds += result.tokenize_ms / 1000
             for message in result.messages:
-                sends.append(await self.pipeline.producer.send(topic, message, key=key))
+                sends.append(await self.pipeline.send(topic, message, key=key))
                 self._stats.token_batches += 1
         return sends
 

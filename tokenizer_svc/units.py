@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qscore.cache import DIGEST_BYTES, decode_floats, key_digest
+from plumbing.cache import DIGEST_BYTES, decode_floats, key_digest
 from schemas import ItemScore, QueryItem
 
 

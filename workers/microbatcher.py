@@ -20,8 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from engines.batch import PaddedBatch, pad_sequences
 from schemas import TokenBatch
-from workers.batching import PaddedBatch, pad_sequences
 
 Priority = Literal["online", "offline"]
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engines.batch import pad_sequences, plan_batches
 from engines.protocol import Engine
 from schemas import ItemScore, TokenBatch
 from workers.assemble import item_scores
-from workers.batching import pad_sequences, plan_batches
 
 
 @dataclass(frozen=True, slots=True)

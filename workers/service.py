@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
@@ -21,9 +21,9 @@ from aiokafka import ConsumerRecord
 
 from engines.errors import EngineDead
 from engines.protocol import Engine
-from qscore.cache import ResultCache, encode_floats
-from qscore.kafka import KafkaSettings, Topics
-from qscore.pipeline import PipelineSettings, RecordPipeline
+from plumbing.cache import CacheSettings, ResultCache, encode_floats
+from plumbing.kafka import KafkaSettings, Topics
+from plumbing.pipeline import PipelineSettings, RecordPipeline
 from schemas import (
     DEFAULT_LIMITS,
     ItemScore,
@@ -54,6 +54,8 @@ class WorkerSettings:
     group_id: str = "qscore-worker"
     max_in_flight: int = 256  # online TokenBatches being worked on
     max_in_flight_offline: int = 32
+    # Where scores are written through for the tokenizer to find; None: no cache writes.
+    cache: CacheSettings | None = None
 
 
 @dataclass(slots=True)
@@ -76,17 +78,19 @@ class WorkerStats:
 
 
 class ScoringWorker:
-    def __init__(self, settings: WorkerSettings, engines: Sequence[Engine],
-                 cache: ResultCache | None = None, *, name: str = "worker") -> None:
+    def __init__(self, settings: WorkerSettings, engines: Sequence[Engine], *,
+                 name: str = "worker") -> None:
         self.settings = settings
         self.pool = EnginePool(engines)
         self.manifest = self.pool.manifest
-        self.cache = cache
+        self.cache = (None if settings.cache is None
+                      else ResultCache(settings.cache, self.manifest.version))
         self.batcher = MicroBatcher(settings.batcher)
         self.stats = WorkerStats()
         self.name = name
+        # A dead engine pool is the worker's failure, not the record's: no dead letter.
         common = {"stage": "score", "dead_letter_topic": settings.topics.dead_letter,
-                  "limits": settings.limits}
+                  "limits": settings.limits, "fatal": (EngineDead,)}
         self.online = RecordPipeline(
             settings.kafka, [settings.topics.tokens],
             PipelineSettings(group_id=settings.group_id, max_in_flight=settings.max_in_flight),
@@ -105,13 +109,32 @@ class ScoringWorker:
         self.failure: EngineDead | None = None  # set when no engine is left
 
     async def start(self) -> None:
-        await self.online.start()
+        if self.cache is not None:
+            await self.cache.start()
         try:
-            await self.offline.start()
+            await self.online.start()
+            try:
+                await self.offline.start()
+            except BaseException:
+                await self.online.stop()
+                raise
         except BaseException:
-            await self.online.stop()
+            if self.cache is not None:
+                await self.cache.close()
             raise
         self._dispatcher = asyncio.create_task(self._dispatch(), name=f"{self.name}-dispatch")
+
+    def metrics(self) -> dict[str, Callable[[], object]]:
+        """Sources of the worker's Prometheus metrics (plumbing.metrics.serve_metrics)."""
+        return {
+            "worker": lambda: self.stats,
+            "online": lambda: self.online.stats,
+            "offline": lambda: self.offline.stats,
+            "cache": lambda: self.cache.stats if self.cache is not None else {},
+            "queue": lambda: {"queue_depth": self.batcher.depth(),
+                              "busy_slots": self.pool.busy()},
+            "pool": self.pool.device_counters,
+        }
 
     def request_stop(self) -> None:
         self.online.request_stop()
@@ -138,6 +161,8 @@ class ScoringWorker:
             if self._running:
                 await asyncio.wait(self._running)
             self.pool.close()
+            if self.cache is not None:
+                await self.cache.close()
 
     async def __aenter__(self) -> ScoringWorker:
         await self.start()
@@ -170,7 +195,7 @@ class ScoringWorker:
         # pipelined round trip). Never fails: the cache bypasses a Redis outage.
         await self._write_cache(tb, outputs, items)
         pipeline = self.online if priority == "online" else self.offline
-        await pipeline.producer.send_and_wait(
+        await pipeline.publish(
             tb.reply_topic or self.settings.topics.scores,
             encode_score_batch(batch, self.settings.limits), key=tb.batch_id.encode())
         self.stats.messages += 1

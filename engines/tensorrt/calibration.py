@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.errors import BuildError
 from engines.export import INPUT_NAMES
-from workers.batching import PaddedBatch, pad_sequences
 
 Encoder = Callable[[Sequence[str]], PaddedBatch]  # texts -> right-padded int64 arrays
 

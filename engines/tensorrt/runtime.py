@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.buckets import BucketPlan
 from engines.errors import ArtifactError, EngineError
 from engines.export import INPUT_NAMES
@@ -24,7 +25,6 @@ from engines.memory import check_fits
 from engines.tensorrt.availability import require_tensorrt
 from engines.tensorrt.buffers import BufferSpec, TensorInfo, plan_buffers
 from engines.tensorrt.build import PLAN_FILE
-from workers.batching import PaddedBatch, pad_sequences
 
 BACKEND = "tensorrt"
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engines.protocol import Engine
+from engines.tokenizer import QueryTokenizer
 from schemas import QueryItem
-from tokenizer_svc.tokenization import QueryTokenizer
 from workers.scoring import BatchLimits, run_token_batch
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from engines.errors import BuildError
 from engines.loader import load_engine
 from engines.quantize import QuantSpec, spearman
 from engines.source import resolve_model
+from engines.tokenizer import QueryTokenizer
 from schemas import QueryItem
-from tokenizer_svc.tokenization import QueryTokenizer
 from workers.scoring import BatchLimits, run_token_batch
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -15,8 +15,8 @@ from engines.loader import load_engine
 from engines.manifest import MANIFEST_NAME, read_manifest, verify_artifact
 from engines.protocol import Engine
 from engines.source import resolve_model
+from engines.tokenizer import QueryTokenizer
 from schemas import QueryItem
-from tokenizer_svc.tokenization import QueryTokenizer
 from workers.scoring import BatchLimits, run_token_batch
 
 pytestmark = pytest.mark.slow

@@ -205,8 +205,7 @@ def test_first_build_is_promoted_and_carries_a_memory_estimate(
 
 @pytest.mark.slow
 def test_find_artifact_serves_the_promoted_version(real_root: tuple[Path, str, str]) -> None:
-    from qscore.config import EngineSettings
-    from qscore.engine import find_artifact
+    from engines.select import EngineSettings, find_artifact
 
     root, _, v2 = real_root
     EngineRegistry(root).promote(DEFAULT_MODEL_ID, v2, smoke=False)
@@ -215,7 +214,7 @@ def test_find_artifact_serves_the_promoted_version(real_root: tuple[Path, str, s
 
 @pytest.mark.slow
 def test_cli_list_show_promote_remove(real_root: tuple[Path, str, str]) -> None:
-    from qscore.cli import app
+    from qscore.cli.app import app
 
     root, v1, v2 = real_root
     run = CliRunner().invoke

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engines.batch import pad_sequences
 from engines.buckets import BucketPlan
 from engines.errors import ArtifactError, BackendUnavailable, BuildError
 from engines.export import INPUT_NAMES
@@ -41,8 +42,7 @@ from engines.tensorrt import (
     total_bytes,
     write_calibration_cache,
 )
-from tokenizer_svc.tokenization import QueryTokenizer
-from workers.batching import pad_sequences
+from engines.tokenizer import QueryTokenizer
 
 # --- availability ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.buckets import BucketPlan, pad_to_bucket
 from engines.build import ensure_engine
 from engines.errors import ArtifactError, BackendUnavailable, BuildError, EngineError
@@ -21,11 +22,10 @@ from engines.manifest import read_manifest
 from engines.memory import InsufficientMemory
 from engines.protocol import Engine
 from engines.source import resolve_model
+from engines.tokenizer import QueryTokenizer
 from engines.torch_model import WEIGHTS_NAME, EncoderConfig
 from engines.torch_runtime import TorchEngine, TorchOptions, memory_estimate
 from tests.engines.test_onnx_engine import _embed, _sample_texts
-from tokenizer_svc.tokenization import QueryTokenizer
-from workers.batching import PaddedBatch, pad_sequences
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +213,7 @@ def test_cli_runs_torch_engines_and_refuses_bad_options(
     import orjson
     from typer.testing import CliRunner
 
-    from qscore.cli import app
+    from qscore.cli.app import app
     from tests.engines.test_onnx_engine import SAMPLE
 
     run = CliRunner().invoke

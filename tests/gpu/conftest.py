@@ -18,7 +18,7 @@ from engines.build import ensure_engine
 from engines.loader import load_engine
 from engines.protocol import Engine
 from engines.source import ModelSource, resolve_model
-from tokenizer_svc.tokenization import QueryTokenizer
+from engines.tokenizer import QueryTokenizer
 
 MODEL_ENV = "QSCORE_TEST_MODEL"
 HERE = Path(__file__).resolve().parent

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.memory import InsufficientMemory
 from engines.protocol import Engine
+from engines.tokenizer import QueryTokenizer
 from engines.torch_model import CONFIG_NAME, EncoderConfig
 from engines.torch_runtime import TorchEngine, TorchOptions, memory_estimate
 from schemas import QueryItem
 from tests.engines.test_onnx_engine import _embed, _sample_texts
-from tokenizer_svc.tokenization import QueryTokenizer
-from workers.batching import PaddedBatch, pad_sequences
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from engines.protocol import Engine
+from engines.tokenizer import QueryTokenizer
 from engines.torch_runtime import TorchEngine, TorchOptions
-from qscore.cache import CacheSettings
+from plumbing.cache import CacheSettings
 from qscore.client import QueryProducer, ScoreConsumer
-from qscore.localservices import RedisServer
+from qscore.local.servers import RedisServer
 from schemas import ItemScore, QueryItem
 from tests.integration.fleet_helpers import (
     CreateTopic,
@@ -30,7 +31,6 @@ from tests.integration.fleet_helpers import (
     make_topics,
     sample_batches,
 )
-from tokenizer_svc.tokenization import QueryTokenizer
 from workers.scoring import BatchLimits, run_token_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

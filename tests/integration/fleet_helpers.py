@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 
 from engines.protocol import Engine
-from qscore.cache import CacheSettings
-from qscore.fleet import ServiceProcess
-from qscore.kafka import KafkaSettings, Topics
+from plumbing.cache import CacheSettings
+from plumbing.kafka import KafkaSettings, Topics
+from qscore.local.fleet import ServiceProcess
 from schemas import QueryItem
 from tokenizer_svc.service import TokenizerService, TokenizerServiceSettings
 from workers.microbatcher import BatcherSettings
@@ -77,14 +77,11 @@ async def in_process_worker(kafka: KafkaSettings, topics: Topics, artifact: Path
     """A ScoringWorker on `engine` (default: `artifact` loaded on CPU) until the block ends;
     stopping it closes the engine."""
     from engines.loader import load_engine
-    from qscore.cache import ResultCache
 
     engine = engine or load_engine(artifact, threads=2)
-    result_cache = ResultCache(cache, engine.manifest.version)
-    await result_cache.start()
     worker = ScoringWorker(WorkerSettings(kafka=kafka, topics=topics, group_id=group,
-                                          batcher=BatcherSettings(max_wait_ms=2)),
-                           [engine], result_cache)
+                                          batcher=BatcherSettings(max_wait_ms=2), cache=cache),
+                           [engine])
     await worker.start()
     task = asyncio.create_task(worker.run())
     try:
@@ -94,7 +91,6 @@ async def in_process_worker(kafka: KafkaSettings, topics: Topics, artifact: Path
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 60)
         await worker.stop()
-        await result_cache.close()
 
 
 def worker_process(bootstrap: str, topics: Topics, artifact: Path, workdir: Path,

@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 import structlog
 from structlog.testing import LogCapture
 
-import qscore.cache
-from qscore.cache import CacheSettings, ResultCache, encode_floats, key_digest
-from qscore.localservices import RedisServer
+import plumbing.cache
+from plumbing.cache import CacheSettings, ResultCache, encode_floats, key_digest
+from qscore.local.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +34,10 @@ def _entries(version: str, n: int) -> list[tuple[bytes, bytes]]:
 
 @pytest.fixture
 def logs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """What qscore.cache logs (its own logger, whatever structlog config other tests left)."""
+    """What plumbing.cache logs (its own logger, whatever structlog config other tests left)."""
     capture = LogCapture()
     logger = structlog.wrap_logger(None, processors=[capture], wrapper_class=structlog.BoundLogger)
-    monkeypatch.setattr(qscore.cache, "log", logger)
+    monkeypatch.setattr(plumbing.cache, "log", logger)
     return capture.entries
 
 

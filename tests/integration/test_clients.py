@@ -17,9 +17,9 @@ from structlog.testing import LogCapture
 from typer.testing import CliRunner, Result
 
 import qscore.client
-from qscore.cli import app
+from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from qscore.cli.app import app
 from qscore.client import QueryProducer, ScoreConsumer, ScoresTimeout
-from qscore.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from schemas import (
     ItemScore,
     QueryBatch,

@@ -10,12 +10,11 @@ import numpy as np
 import orjson
 import pytest
 
-from qscore.cache import CacheSettings
+from engines.select import EngineSettings, open_engine
+from plumbing.cache import CacheSettings
 from qscore.client import QueryProducer, ScoreConsumer
-from qscore.config import EngineSettings, RescoreSettings
-from qscore.engine import open_engine
-from qscore.localservices import RedisServer
-from qscore.rescore import rescore
+from qscore.local.servers import RedisServer
+from qscore.offline.rescore import RescoreSettings, rescore
 from schemas import ItemScore, QueryItem
 from tests.integration.fleet_helpers import (
     CreateTopic,

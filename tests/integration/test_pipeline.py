@@ -9,8 +9,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from engines.errors import EngineDead
-from qscore.kafka import make_consumer, make_producer
-from qscore.pipeline import PipelineError, PipelineSettings, RecordPipeline
+from plumbing.kafka import make_consumer, make_producer
+from plumbing.pipeline import PipelineError, PipelineSettings, RecordPipeline
 from schemas import DEFAULT_LIMITS
 from tests.integration.fleet_helpers import CreateTopic, kafka_settings
 

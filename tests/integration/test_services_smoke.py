@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from qscore.localservices import RedisServer
+from qscore.local.servers import RedisServer
 from schemas import QueryBatch, QueryItem, decode_query_batch, encode_query_batch
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
 from engines.manifest import Manifest, read_manifest
-from qscore.cache import CacheSettings, ResultCache, encode_floats, key_digest
-from qscore.engine import artifact_tokenizer
-from qscore.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from engines.select import artifact_tokenizer
+from plumbing.cache import CacheSettings, ResultCache, encode_floats, key_digest
+from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from schemas import (
     Limits,
     QueryBatch,

@@ -14,8 +14,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engines.loader import load_engine
 from engines.protocol import Engine
-from qscore.cache import CacheSettings, ResultCache, decode_floats, key_digest
-from qscore.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from engines.tokenizer import QueryTokenizer
+from plumbing.cache import CacheSettings, ResultCache, decode_floats, key_digest
+from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from schemas import (
     QueryItem,
     TokenBatch,
@@ -23,7 +24,6 @@ from schemas import (
     decode_score_batch,
     encode_token_batch,
 )
-from tokenizer_svc.tokenization import QueryTokenizer
 from workers.microbatcher import BatcherSettings
 from workers.scoring import BatchLimits, run_token_batch
 from workers.service import ScoringWorker, WorkerSettings
@@ -95,14 +95,14 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
 
     settings = WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
                               batcher=BatcherSettings(max_batch=8, max_wait_ms=2),
-                              group_id=f"{topic_name}-w")
-    async with ResultCache(CacheSettings(redis_url=redis_url), engine.manifest.version) as cache:
-        worker = ScoringWorker(settings, [engine], cache)
-        await worker.start()
-        try:
-            await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
-        finally:
-            await worker.stop()
+                              group_id=f"{topic_name}-w",
+                              cache=CacheSettings(redis_url=redis_url))
+    worker = ScoringWorker(settings, [engine])
+    await worker.start()
+    try:
+        await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
+    finally:
+        await worker.stop()
 
     batches = [decode_score_batch(v) for v in await read_all(kafka_bootstrap, topics.scores, 6)]
     expected = run_token_batch(load_engine(default_engine_path), token_batches[0],

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from engines.protocol import Engine
+from engines.tokenizer import QueryTokenizer
 from engines.torch_runtime import TorchEngine, TorchOptions
 from tests.gpu.test_worker_gpu import fleet_matches_reference
 from tests.integration.fleet_helpers import CreateTopic
-from tokenizer_svc.tokenization import QueryTokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

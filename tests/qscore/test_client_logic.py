@@ -8,16 +8,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from qscore.cli_kafka import TokenBucket, read_stdin_log
-from qscore.client import QueryProducer, ScoreBook, ScoresTimeout
-from qscore.kafka import KafkaSettings, Topics
-from qscore.settings import (
+from plumbing.cache import redact_url
+from plumbing.kafka import KafkaSettings, Topics
+from qscore.cli.client import TokenBucket, read_stdin_log
+from qscore.cli.options import (
+    cache_settings_from,
     kafka_command,
     kafka_settings_from,
-    redact_url,
-    redis_settings_from,
     topics_from,
 )
+from qscore.client import QueryProducer, ScoreBook, ScoresTimeout
 from schemas import ItemScore, Limits, QueryItem, SchemaError, ScoreBatch, Timings
 
 
@@ -223,12 +223,12 @@ def test_topics_and_redis_options() -> None:
     assert topics_from("stage").scores == "stage.scores"
     with pytest.raises(typer.BadParameter, match="topic name prefix"):
         topics_from("bad prefix")
-    assert redis_settings_from(None) is None
-    redis = redis_settings_from("rediss://:s3cret@cache:6380/0", cache_ttl=60)
-    assert redis is not None and redis.ttl_s == 60 and "s3cret" not in repr(redis)
+    assert cache_settings_from(None).redis_url is None
+    redis = cache_settings_from("rediss://:s3cret@cache:6380/0", cache_ttl=60)
+    assert redis.ttl_s == 60 and "s3cret" not in repr(redis)
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     with pytest.raises(typer.BadParameter, match="redis://"):
-        redis_settings_from("http://cache")
+        cache_settings_from("http://cache")
 
 
 def test_kafka_command_turns_flags_and_env_into_settings() -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from engines.source import default_model_path
-from qscore.cache import encode_floats, key_digest
+from engines.tokenizer import QueryTokenizer
+from plumbing.cache import encode_floats, key_digest
 from schemas import (
     ItemScore,
     Limits,
@@ -35,7 +36,6 @@ from tokenizer_svc.pool import (
     tokenize_items,
 )
 from tokenizer_svc.service import encode_scores_to_fit
-from tokenizer_svc.tokenization import QueryTokenizer
 from tokenizer_svc.units import cached_item, item_keys, sequence_keys
 
 TOKENIZER = default_model_path() / "tokenizer.json"

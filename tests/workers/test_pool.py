@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from engines.batch import PaddedBatch, pad_sequences
 from engines.errors import EngineDead, EngineError
 from schemas import TokenBatch
-from workers.batching import PaddedBatch, pad_sequences
 from workers.microbatcher import BatcherSettings
 from workers.pool import EnginePool, Slot
 
@@ -287,7 +287,7 @@ def _tb(lengths: list[int], batch_id: str = "b") -> TokenBatch:
 
 async def _worker(engines: list[FakeEngine]):  # type: ignore[no-untyped-def]
     """A ScoringWorker whose dispatcher runs, its Kafka pipelines never started."""
-    from qscore.kafka import KafkaSettings
+    from plumbing.kafka import KafkaSettings
     from workers.service import ScoringWorker, WorkerSettings
 
     worker = ScoringWorker(WorkerSettings(kafka=KafkaSettings(),

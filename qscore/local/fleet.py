@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from qscore.localservices import EmbeddedBroker, RedisServer
+from qscore.local.servers import EmbeddedBroker, RedisServer
 
 
 @dataclass
@@ -117,7 +117,7 @@ class LocalFleet:
     def start(self) -> Self:
         import asyncio
 
-        from qscore.kafka import KafkaSettings, Topics, ensure_topics
+        from plumbing.kafka import KafkaSettings, Topics, ensure_topics
 
         try:
             if not self.bootstrap_servers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qscore.cache import (
+from plumbing.cache import (
     CacheSettings,
     ResultCache,
     decode_floats,

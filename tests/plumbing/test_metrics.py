@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from qscore.metrics import StatsCollector
+from plumbing.metrics import StatsCollector
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Opening the engine a command should use: build or find the artifact, load it, and the
-tokenizer that matches it."""
+"""Choosing the engine a command uses: which artifact (given, promoted, or built now), on which
+devices, loaded how; and the tokenizer that matches it. Settings come from the caller (the
+command line builds them); nothing here reads the environment."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -11,14 +13,45 @@ import structlog
 from engines.build import ensure_engine
 from engines.errors import ArtifactError
 from engines.loader import load_engine
-from engines.manifest import Manifest, read_manifest
+from engines.manifest import Head, read_manifest
 from engines.protocol import Engine
+from engines.quantize import QuantSpec
 from engines.registry import EngineRegistry
 from engines.source import resolve_model
-from qscore.config import EngineSettings
-from tokenizer_svc.tokenization import QueryTokenizer
+from engines.tokenizer import QueryTokenizer, artifact_tokenizer
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    model: str = "default"  # "default" (all-MiniLM-L6-v2) or a Hugging Face model directory
+    # The engine cache; needed unless `artifact` is given (the command line passes
+    # $QSCORE_HOME/engines, ~/.cache/qscore/engines by default).
+    engine_dir: Path | None = None
+    artifact: Path | None = None  # load this artifact instead of building from `model`
+    head: Head | None = None  # None: from the model's config
+    max_length: int | None = None  # None: from the model's config
+    # None: onnxruntime: INT8 chosen by measurement for the similarity head, FP32 for
+    # classifiers (whose INT8 selection is not built yet); torch: FP16.
+    precision: str | None = None
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    threads: int | None = None  # engine intra-op threads; None: all cores
+    rebuild: bool = False
+    backend: str | None = None  # None: the promoted engine's, else onnxruntime
+    devices: tuple[str, ...] = ()  # torch: where engines run; (): cuda:0 / every GPU / cpu
+    lanes: int | None = None  # torch: streams per engine; None: 2 on a GPU, 1 on CPU
+    graphs: bool = True  # torch: CUDA graphs per shape bucket
+    spin: bool = True  # onnxruntime: idle intra-op threads spin (off: yield the core)
+
+    def default_precision(self, head: str) -> str:
+        if self.precision is not None:
+            return self.precision
+        if self.backend == "torch":
+            return "fp16"
+        if self.backend == "tensorrt":
+            return "int8"
+        return "int8" if head == "similarity" else "fp32"
 
 
 def find_artifact(settings: EngineSettings,
@@ -27,8 +60,12 @@ def find_artifact(settings: EngineSettings,
     (`current`) version in the engine directory, else one built (and cached) now."""
     if settings.artifact is not None:
         return settings.artifact
+    if settings.engine_dir is None:
+        raise ArtifactError("(none)", "no engine artifact given and no engine directory to "
+                                      "find or build one in")
     source = resolve_model(settings.model, head=settings.head, max_length=settings.max_length)
-    if not settings.rebuild and (current := _promoted(settings, source.model_id)) is not None:
+    if not settings.rebuild and (current := _promoted(settings, settings.engine_dir,
+                                                         source.model_id)) is not None:
         return current
     return ensure_engine(source, settings.engine_dir,
                          precision=settings.default_precision(source.head),
@@ -36,12 +73,12 @@ def find_artifact(settings: EngineSettings,
                          backend=settings.backend or "onnxruntime")
 
 
-def _promoted(settings: EngineSettings, model_id: str) -> Path | None:
+def _promoted(settings: EngineSettings, engine_dir: Path, model_id: str) -> Path | None:
     """The model's current version, if one is promoted and has the options asked for.
 
     Options left unset take whatever was promoted; an explicit --head/--max-length or
     precision the current one lacks means build (or find) the engine that has them."""
-    registry = EngineRegistry(settings.engine_dir)
+    registry = EngineRegistry(engine_dir)
     if registry.current(model_id) is None:
         return None
     path = registry.get(model_id)
@@ -54,16 +91,6 @@ def _promoted(settings: EngineSettings, model_id: str) -> Path | None:
                  reason="options differ", **{k: v for k, v in wanted.items() if v is not None})
         return None
     return path
-
-
-def artifact_tokenizer(path: Path, manifest: Manifest) -> QueryTokenizer:
-    """The tokenizer an artifact was built with; refuses one whose files changed since."""
-    tokenizer = QueryTokenizer(path / "tokenizer" / "tokenizer.json", manifest.max_length,
-                               pairs=manifest.head == "classifier")
-    if tokenizer.tokenizer_id != manifest.tokenizer_id:
-        raise ArtifactError(path, f"tokenizer {tokenizer.tokenizer_id} differs from the one "
-                                  f"the engine was built with ({manifest.tokenizer_id})")
-    return tokenizer
 
 
 def serving_devices(settings: EngineSettings, backend: str) -> list[str | None]:
@@ -84,7 +111,7 @@ def serving_devices(settings: EngineSettings, backend: str) -> list[str | None]:
 def load_for(settings: EngineSettings, path: Path, device: str | None = None,
              threads: int | None = None) -> Engine:
     return load_engine(path, threads=threads or settings.threads, device=device,
-                       lanes=settings.lanes, graphs=settings.graphs)
+                       lanes=settings.lanes, graphs=settings.graphs, spin=settings.spin)
 
 
 def open_engine(settings: EngineSettings,

@@ -14,15 +14,15 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from engines.errors import EngineDead
-from qscore.kafka import KafkaSettings, make_consumer, make_producer
-from qscore.offsets import OffsetTracker
+from plumbing.kafka import KafkaSettings, make_consumer, make_producer
+from plumbing.offsets import OffsetTracker
 from schemas import DeadLetter, Limits, SourceRef, Stage, encode_dead_letter
 
 log = structlog.get_logger(__name__)
@@ -59,7 +59,8 @@ class RecordPipeline:
 
     def __init__(self, kafka: KafkaSettings, topics: Sequence[str], settings: PipelineSettings,
                  *, stage: Stage, dead_letter_topic: str, limits: Limits,
-                 name: str = "pipeline") -> None:
+                 name: str = "pipeline",
+                 fatal: tuple[type[BaseException], ...] = ()) -> None:
         self.kafka = kafka
         self.topics = tuple(topics)
         self.settings = settings
@@ -67,6 +68,9 @@ class RecordPipeline:
         self.dead_letter_topic = dead_letter_topic
         self.limits = limits
         self.name = name
+        # Errors that say this service, not the record, is broken (e.g. no engine left):
+        # such a record is neither dead-lettered nor committed, so a restart redelivers it.
+        self.fatal = (KafkaError, *fatal)
         self.stats = PipelineStats()
         self.tracker = OffsetTracker()
         self.producer: AIOKafkaProducer = make_producer(kafka, client_id=f"{kafka.client_id}-"
@@ -174,7 +178,7 @@ class RecordPipeline:
                 await handler(record)
             except asyncio.CancelledError:
                 raise
-            except (KafkaError, EngineDead) as exc:
+            except self.fatal as exc:
                 # The broker did not take this record's outputs (aiokafka has retried already),
                 # or no engine is left to score it (every GPU lost): not the record's fault, so
                 # no dead letter. It stays unfinished, nothing is committed past it, and the
@@ -198,6 +202,17 @@ class RecordPipeline:
             if not self._tasks:
                 self._idle.set()
 
+    async def send(self, topic: str, value: bytes, *,
+                   key: bytes | None = None) -> asyncio.Future[Any]:
+        """Queue one output record; the returned future resolves on the broker's ack. A
+        handler awaits every such future before it returns, so its record is finished only
+        once all it produced is acknowledged."""
+        return await self.producer.send(topic, value, key=key)
+
+    async def publish(self, topic: str, value: bytes, *, key: bytes | None = None) -> None:
+        """Produce one output record and wait for the broker's ack."""
+        await (await self.send(topic, value, key=key))
+
     async def dead_letter(self, record: ConsumerRecord, exc: BaseException,
                           stage: Stage | None = None) -> None:
         """Publish a DeadLetter for `record` and wait for the broker's ack."""
@@ -208,9 +223,8 @@ class RecordPipeline:
             limits=self.limits)
         log.warning("dead_letter", service=self.name, topic=record.topic,
                     partition=record.partition, offset=record.offset, reason=letter.reason)
-        await self.producer.send_and_wait(self.dead_letter_topic,
-                                          encode_dead_letter(letter, self.limits),
-                                          key=record.key)
+        await self.publish(self.dead_letter_topic, encode_dead_letter(letter, self.limits),
+                           key=record.key)
         self.stats.dead_letters += 1  # published ones only
 
     # -- commits, drain, rebalance ---------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.batching import pad_sequences, plan_batches
+from engines.batch import pad_sequences, plan_batches
 
 
 @given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=300),

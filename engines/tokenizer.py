@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from engines.errors import ArtifactError
+from engines.manifest import Manifest
 from schemas import Priority, QueryItem, TokenBatch
 
 
@@ -124,3 +126,28 @@ class QueryTokenizer:
             reply_topic=reply_topic,
             priority=priority,
         )
+
+
+def artifact_tokenizer_json(path: Path) -> Path:
+    """Where an engine artifact keeps the tokenizer it was built with."""
+    return Path(path) / "tokenizer" / "tokenizer.json"
+
+
+def check_artifact_tokenizer(path: Path, manifest: Manifest) -> Path:
+    """The artifact's tokenizer.json, once it is known to be the one the engine was built with
+    (ArtifactError otherwise: a tokenizer swapped after the build would score garbage)."""
+    tokenizer_json = artifact_tokenizer_json(path)
+    if not tokenizer_json.is_file():
+        raise ArtifactError(path, "no tokenizer/tokenizer.json")
+    found = tokenizer_id_of(tokenizer_json)
+    if found != manifest.tokenizer_id:
+        raise ArtifactError(path, f"tokenizer {found} differs from the one the engine was "
+                                  f"built with ({manifest.tokenizer_id}); rebuild or re-copy "
+                                  "the artifact")
+    return tokenizer_json
+
+
+def artifact_tokenizer(path: Path, manifest: Manifest) -> QueryTokenizer:
+    """The tokenizer an artifact was built with; refuses one whose files changed since."""
+    return QueryTokenizer(check_artifact_tokenizer(path, manifest), manifest.max_length,
+                          pairs=manifest.head == "classifier")

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from qscore.querylog import LogRecord, count_lines, detect_format, iter_query_log
+from qscore.offline.querylog import LogRecord, count_lines, detect_format, iter_query_log
 from schemas import Limits, QueryItem
 
 ITEMS = [

@@ -39,7 +39,7 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
     from engines.export import export_onnx
     from engines.tensorrt.calibration import CalibrationBatches
     from engines.tensorrt.runtime import TensorRTEngine
-    from tokenizer_svc.tokenization import QueryTokenizer, tokenizer_id_of
+    from engines.tokenizer import QueryTokenizer, tokenizer_id_of
 
     if source.head != "similarity" and precision == "int8":
         raise BuildError("INT8 accuracy is measured as embedding cosine; classifier heads "

@@ -6,7 +6,7 @@ from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qscore.offsets import OffsetTracker
+from plumbing.offsets import OffsetTracker
 
 TP = TopicPartition("t", 0)
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from qscore.cli import app
+from qscore.cli.app import app
 
 pytestmark = pytest.mark.slow
 
@@ -122,9 +122,8 @@ def test_engine_verify_catches_a_flipped_byte(default_engine_path: Path,
 
 def test_progress_moves_per_engine_call_and_ends_at_the_last_line(
         default_engine_path: Path, tmp_path: Path) -> None:
-    from qscore.config import EngineSettings, RescoreSettings
-    from qscore.engine import open_engine
-    from qscore.rescore import rescore
+    from engines.select import EngineSettings, open_engine
+    from qscore.offline.rescore import RescoreSettings, rescore
     from workers.scoring import BatchLimits
 
     log, bad, good = _log(tmp_path, n_good=120)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engines.source import default_model_path
+from engines.tokenizer import QueryTokenizer, TokenizerError, tokenizer_id_of
 from schemas import QueryItem, decode_token_batch, encode_token_batch
-from tokenizer_svc.tokenization import QueryTokenizer, TokenizerError, tokenizer_id_of
 
 TOKENIZER = default_model_path() / "tokenizer.json"
 LONG = "the quick brown fox jumps over the lazy dog " * 40

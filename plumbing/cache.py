@@ -17,9 +17,9 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import structlog
@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 log = structlog.get_logger(__name__)
 
 DIGEST_BYTES = 16  # as TokenBatch.cache_keys carries them
+DEFAULT_TTL_S = 86_400
 _LEN = struct.Struct("<I")
 _SCHEMES = ("redis", "rediss", "unix")
 T = TypeVar("T")
@@ -70,11 +71,13 @@ def decode_floats(data: bytes) -> np.ndarray:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    """Where and how long results are cached."""
+    """Where and how long results are cached: the one settings type of the result cache.
+
+    `redis_url` may carry a password: repr and `safe_url` mask it."""
 
     # redis://[:password@]host:port/db, rediss:// for TLS, unix://; None: in-process only.
-    redis_url: str | None = None
-    ttl_s: int = 86_400  # Redis expiry of every entry
+    redis_url: str | None = field(default=None, repr=False)
+    ttl_s: int = DEFAULT_TTL_S  # Redis expiry of every entry (SET EX takes whole seconds)
     local_entries: int = 100_000  # in-process LRU bound; 0 disables it
     key_prefix: str = "qscore"
     op_timeout_s: float = 0.25  # bound on one Redis round trip, connecting included
@@ -84,22 +87,54 @@ class CacheSettings:
     def __post_init__(self) -> None:
         scheme = None if self.redis_url is None else urlsplit(self.redis_url).scheme
         if scheme is not None and scheme not in _SCHEMES:
-            raise ValueError(f"redis_url must be redis://, rediss:// or unix://, got {scheme!r}")
+            raise CacheSettingsError("redis_url", "must start with redis://, rediss:// (TLS) "
+                                     f"or unix://, not {self.safe_url!r}")
         if self.ssl_ca_certs is not None and scheme != "rediss":
-            raise ValueError("ssl_ca_certs needs a rediss:// (TLS) redis_url")
-        _check_int("ttl_s", self.ttl_s, 1)  # Redis SET EX takes whole seconds
+            raise CacheSettingsError("ssl_ca_certs", "needs a rediss:// (TLS) redis_url")
+        _check_int("ttl_s", self.ttl_s, 1)
         _check_int("local_entries", self.local_entries, 0)
         if not self.key_prefix or any(ch.isspace() for ch in self.key_prefix):
-            raise ValueError(f"key_prefix must be non-empty without spaces: {self.key_prefix!r}")
+            raise CacheSettingsError("key_prefix", "must be non-empty without spaces: "
+                                     f"{self.key_prefix!r}")
         if not (math.isfinite(self.op_timeout_s) and self.op_timeout_s > 0):
-            raise ValueError(f"op_timeout_s must be > 0, got {self.op_timeout_s!r}")
+            raise CacheSettingsError("op_timeout_s", f"must be > 0, got {self.op_timeout_s!r}")
         if not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):
-            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s!r}")
+            raise CacheSettingsError("retry_after_s",
+                                     f"must be >= 0, got {self.retry_after_s!r}")
+
+    @property
+    def safe_url(self) -> str:
+        """The Redis URL with its password masked, for logs and error messages."""
+        return "" if self.redis_url is None else redact_url(self.redis_url)
+
+    def __repr__(self) -> str:
+        return (f"CacheSettings(redis_url={self.safe_url!r}, ttl_s={self.ttl_s!r}, "
+                f"local_entries={self.local_entries!r}, key_prefix={self.key_prefix!r}, "
+                f"op_timeout_s={self.op_timeout_s!r}, retry_after_s={self.retry_after_s!r}, "
+                f"ssl_ca_certs={self.ssl_ca_certs!r})")
+
+
+class CacheSettingsError(ValueError):
+    """A CacheSettings field is invalid; `field` names it so a command line can name its flag."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        super().__init__(f"{field} {problem}")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
 def _check_int(name: str, value: object, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        raise CacheSettingsError(name, f"must be an int >= {lo}, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -132,7 +167,7 @@ class ResultCache:
         self._started = False
         self._down_until = 0.0  # time.monotonic() before which Redis is skipped
         self._outage = False  # warned about a failure, no success since
-        self._where = _safe_url(settings.redis_url)
+        self._where = settings.safe_url
 
     @property
     def redis_available(self) -> bool:
@@ -261,9 +296,3 @@ def _digest(d: bytes) -> bytes:
     if not isinstance(d, bytes) or len(d) != DIGEST_BYTES:
         raise ValueError(f"a cache digest is {DIGEST_BYTES} bytes (key_digest), got {d!r:.60}")
     return d
-
-
-def _safe_url(url: str | None) -> str:
-    """The Redis address without its password, for logs."""
-    parts = urlsplit(url or "")
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" if url else ""

@@ -1,5 +1,7 @@
 """Command-line options shared by every fleet command, and the builders that turn them into
-settings objects (KafkaSettings, Topics, RedisSettings).
+settings objects (KafkaSettings, Topics, CacheSettings, EngineSettings). This module is the
+only reader of flags and QSCORE_* environment variables; everything below the command line
+gets settings objects.
 
 A command either lists the annotations it needs as parameters and calls a builder once, at
 the edge:
@@ -24,22 +26,38 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from qscore.config import default_home
-from qscore.kafka import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaSettings, Topics
+from engines.quantize import QuantSpec
+from engines.select import EngineSettings
+from plumbing.cache import DEFAULT_TTL_S, CacheSettings, CacheSettingsError
+from plumbing.kafka import (
+    FAST_GROUP_TIMINGS,
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    KafkaSettings,
+    Topics,
+)
+
+
+def default_home() -> Path:
+    """Where built engines are cached: $QSCORE_HOME, else $XDG_CACHE_HOME/qscore, else
+    ~/.cache/qscore."""
+    if home := os.environ.get("QSCORE_HOME"):
+        return Path(home)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qscore"
+
 
 DEFAULT_BOOTSTRAP = KafkaSettings().bootstrap_servers
 DEFAULT_TOPIC_PREFIX = "qscore"
-DEFAULT_CACHE_TTL_S = 86_400.0
+DEFAULT_CACHE_TTL_S = DEFAULT_TTL_S
 
 _KAFKA = "Kafka"
 _REDIS = "Redis cache"
@@ -94,8 +112,8 @@ RedisCaCerts = Annotated[Path | None, typer.Option(
     "--redis-ca-certs", envvar="QSCORE_REDIS_CA_CERTS", rich_help_panel=_REDIS,
     exists=True, dir_okay=False, help="PEM file of the CA that signed the Redis server's "
     "certificate (rediss:// only; default: the system's trusted CAs).")]
-CacheTtl = Annotated[float, typer.Option(
-    "--cache-ttl", envvar="QSCORE_CACHE_TTL", rich_help_panel=_REDIS, min=1.0,
+CacheTtl = Annotated[int, typer.Option(
+    "--cache-ttl", envvar="QSCORE_CACHE_TTL", rich_help_panel=_REDIS, min=1,
     help="Seconds a cached score lives. Keys carry the model version, so a new engine never "
     "reads an old engine's scores; the TTL only bounds memory.")]
 
@@ -211,8 +229,7 @@ def kafka_settings_from(
             f"{protocol} needs --sasl-username and --sasl-password (or "
             "QSCORE_KAFKA_SASL_PASSWORD)", param_hint="--security-protocol")
     if fast_groups:
-        extra = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 250,
-                 "fetch_max_wait_ms": 2} | extra
+        extra = FAST_GROUP_TIMINGS | extra
     try:
         return KafkaSettings(
             bootstrap_servers=servers, security_protocol=protocol, sasl_mechanism=mechanism,
@@ -282,53 +299,67 @@ def kafka_command(func: Callable[..., R]) -> Callable[..., R]:
     return command
 
 
-@dataclass(frozen=True, slots=True)
-class RedisSettings:
-    """Where the result cache lives. `url` may carry a password: it is left out of repr."""
-
-    url: str = field(repr=False)
-    ca_certs: Path | None = None
-    ttl_s: float = DEFAULT_CACHE_TTL_S
-
-    @property
-    def safe_url(self) -> str:
-        """The URL with its password masked, for logs and error messages."""
-        return redact_url(self.url)
-
-    def __repr__(self) -> str:
-        return f"RedisSettings(url={self.safe_url!r}, ca_certs={self.ca_certs!r}, " \
-               f"ttl_s={self.ttl_s!r})"
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `redis.asyncio.from_url(self.url, **kwargs)`."""
-        return {"ssl_ca_certs": str(self.ca_certs)} if self.ca_certs else {}
+_CACHE_FLAGS = {"redis_url": "--redis-url", "ssl_ca_certs": "--redis-ca-certs",
+                "ttl_s": "--cache-ttl"}
 
 
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+def cache_settings_from(redis_url: str | None, redis_ca_certs: Path | None = None,
+                        cache_ttl: int = DEFAULT_CACHE_TTL_S) -> CacheSettings:
+    """CacheSettings from CLI options: no --redis-url means the in-process LRU only."""
+    if not redis_url and redis_ca_certs:
+        raise typer.BadParameter("given without --redis-url", param_hint="--redis-ca-certs")
+    try:
+        return CacheSettings(redis_url=redis_url or None, ttl_s=cache_ttl,
+                             ssl_ca_certs=str(redis_ca_certs) if redis_ca_certs else None)
+    except CacheSettingsError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(exc.field).strip(),
+                                 param_hint=_CACHE_FLAGS.get(exc.field, exc.field)) from None
 
 
-def redis_settings_from(redis_url: str | None, redis_ca_certs: Path | None = None,
-                        cache_ttl: float = DEFAULT_CACHE_TTL_S) -> RedisSettings | None:
-    """RedisSettings from CLI options, or None when no --redis-url (the cache is optional)."""
-    if not redis_url:
-        if redis_ca_certs:
-            raise typer.BadParameter("given without --redis-url", param_hint="--redis-ca-certs")
-        return None
-    scheme = urlsplit(redis_url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise typer.BadParameter(
-            f"must start with redis://, rediss:// (TLS) or unix://, not {redact_url(redis_url)!r}",
-            param_hint="--redis-url")
-    if redis_ca_certs and scheme != "rediss":
-        raise typer.BadParameter("needs a rediss:// (TLS) --redis-url",
-                                 param_hint="--redis-ca-certs")
-    if cache_ttl <= 0:
-        raise typer.BadParameter(f"must be > 0 seconds, not {cache_ttl}",
-                                 param_hint="--cache-ttl")
-    return RedisSettings(url=redis_url, ca_certs=redis_ca_certs, ttl_s=cache_ttl)
+# -- engine options of `rescore`, `engine build`, `worker`, `tokenizer` ----------------------
+
+Head = Annotated[str | None, typer.Option(
+    envvar="QSCORE_HEAD", help="similarity | classifier (default: from the model's config).")]
+MaxLength = Annotated[int | None, typer.Option(
+    envvar="QSCORE_MAX_LENGTH", min=2, help="Max tokens per sequence; longer ones are "
+    "truncated and counted (default: the model's).")]
+Threads = Annotated[int | None, typer.Option(
+    envvar="QSCORE_THREADS", min=1, help="Engine threads (default: all cores).")]
+NoSpin = Annotated[bool, typer.Option(
+    "--no-spin", envvar="QSCORE_ORT_NO_SPIN", help="onnxruntime: idle engine threads yield "
+    "their cores instead of spinning (for hosts shared with other busy processes).")]
+
+
+def engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: str | None,
+                    max_length: int | None, threads: int | None,
+                    rebuild: bool = False, precision: str | None = None,
+                    quant: QuantSpec | None = None, backend: str | None = None,
+                    devices: tuple[str, ...] = (), lanes: int | None = None,
+                    graphs: bool = True, spin: bool = True) -> EngineSettings:
+    """EngineSettings from CLI options; BadParameter names the flag to fix."""
+    if head not in (None, "similarity", "classifier"):
+        raise typer.BadParameter(f"--head must be similarity or classifier, not {head!r}")
+    if backend not in (None, "onnxruntime", "torch", "tensorrt"):
+        raise typer.BadParameter(f"--backend must be onnxruntime, torch or tensorrt, not "
+                                 f"{backend!r}")
+    allowed = {"torch": ("fp32", "fp16", "int8", "fp8"), "tensorrt": ("fp16", "int8")}.get(
+        backend or "", ("fp32", "int8"))
+    if precision not in (None, *allowed):
+        raise typer.BadParameter(f"--precision must be one of {', '.join(allowed)} for the "
+                                 f"{backend or 'onnxruntime'} backend, not {precision!r}")
+    for device in devices:
+        if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise typer.BadParameter(f"device {device!r}: use cuda:N or cpu")
+    return EngineSettings(model=model, engine_dir=engine_dir, artifact=artifact,
+                          head=head, max_length=max_length,  # type: ignore[arg-type]
+                          threads=threads, rebuild=rebuild, precision=precision,
+                          quant=quant or QuantSpec(), backend=backend, devices=devices,
+                          lanes=lanes, graphs=graphs, spin=spin)
+
+
+def device_list(text: str | None) -> tuple[str, ...]:
+    """'cuda:0, cuda:1' -> ('cuda:0', 'cuda:1'); a bare index N means cuda:N."""
+    if not text:
+        return ()
+    return tuple(f"cuda:{d}" if d.isdigit() else d
+                 for d in (part.strip() for part in text.split(",")) if d)

@@ -1,7 +1,7 @@
 """Fleet client commands: `qscore publish`, `qscore consume`, `qscore topics create`.
 
 stdout carries only machine-readable JSON lines; progress, reports and summaries go to stderr.
-Every option is a flag and a QSCORE_* environment variable (the Kafka ones: qscore.settings).
+Every option is a flag and a QSCORE_* environment variable (the Kafka ones: qscore.cli.options).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, NoReturn, TextIO
+from typing import Annotated, Any, BinaryIO, TextIO
 
 import orjson
 import typer
 from aiokafka.errors import KafkaError
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,28 +28,20 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 from rich.text import Text
 
-from qscore import aio
+from plumbing import aio
+from plumbing.kafka import KafkaSettings, Topics, ensure_topics
+from plumbing.logs import configure_logging
+from qscore.cli.options import kafka_command
+from qscore.cli.output import err, fail, print_summary
 from qscore.client import QueryProducer, ScoreConsumer, SentBatch
-from qscore.kafka import KafkaSettings, Topics, ensure_topics
-from qscore.logs import configure_logging
-from qscore.querylog import LogRecord, count_lines, iter_query_log
-from qscore.settings import kafka_command
+from qscore.offline.querylog import LogRecord, count_lines, iter_query_log
 from schemas import DEFAULT_LIMITS, Limits, QueryItem, SchemaError
 
-err = Console(stderr=True)
 topics_app = typer.Typer(help="Manage the fleet's Kafka topics.", no_args_is_help=True)
 
 LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
-
-
-def register(app: typer.Typer) -> None:
-    """Add these commands to the `qscore` app."""
-    app.command("publish")(kafka_command(publish))
-    app.command("consume")(kafka_command(consume))
-    app.add_typer(topics_app, name="topics")
 
 
 class TokenBucket:
@@ -111,16 +102,11 @@ def read_stdin_log(stream: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> Iterato
         yield LogRecord(lineno, item, None, raw)
 
 
-def _fail(message: object) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
-
-
 def _run(main: Any, what: str) -> Any:
     try:
         return aio.run(main)
     except KafkaError as exc:
-        _fail(f"{what}: {exc!r}. Check --bootstrap-servers and the security options; "
+        fail(f"{what}: {exc!r}. Check --bootstrap-servers and the security options; "
               "if a topic is missing, run `qscore topics create`.")
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -132,13 +118,6 @@ class _ItemRateColumn(ProgressColumn):
         items = task.fields.get("items", 0)
         rate = f"{items / elapsed:,.0f}" if elapsed and items else "--"
         return Text(f"{items:,} items, {rate}/s", style="cyan")
-
-
-def _summary(title: str, summary: dict[str, object]) -> None:
-    table = Table(title=title, show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, str(value))
-    err.print(table)
 
 
 def publish(
@@ -190,7 +169,7 @@ def publish(
     summary = _run(_publish(records, total, kafka, topics, batch_size=batch_size, rate=rate,
                             priority=priority, prefix=batch_prefix or uuid.uuid4().hex[:12],
                             progress=progress, out=sys.stdout), "publishing failed")
-    _summary("publish summary", summary)
+    print_summary("publish summary", summary)
     if summary["failed_batches"]:
         raise typer.Exit(1)
 
@@ -310,7 +289,7 @@ def consume(
         summary = _run(_consume(consumer, out, wanted=set(batch_id or ()),
                                 max_batches=max_batches, idle_timeout=idle_timeout),
                        "consuming failed")
-    _summary("consume summary", summary)
+    print_summary("consume summary", summary)
 
 
 async def _consume(consumer: ScoreConsumer, out: TextIO, *, wanted: set[str],

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 import numpy as np
@@ -21,14 +22,34 @@ import orjson
 import structlog
 
 from engines.protocol import Engine
-from qscore.config import RescoreSettings
-from qscore.querylog import LogRecord, iter_query_log
-from schemas import QueryItem, TokenBatch
-from tokenizer_svc.tokenization import QueryTokenizer
-from workers.scoring import run_token_batch
+from engines.select import EngineSettings
+from engines.tokenizer import QueryTokenizer
+from qscore.offline.querylog import LogRecord, iter_query_log
+from schemas import DEFAULT_LIMITS, Limits, QueryItem, TokenBatch
+from workers.scoring import BatchLimits, run_token_batch
 
 log = structlog.get_logger(__name__)
 OnProgress = Callable[[int], None]  # called with the number of input lines just finished
+
+DEFAULT_CHUNK_ITEMS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class RescoreSettings:
+    input: Path
+    output: Path
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    limits: Limits = DEFAULT_LIMITS
+    # Items tokenized and length-sorted together: a wider window pads less (the long tail of
+    # each window shares a batch); the next window tokenizes while this one is scored.
+    chunk_items: int = DEFAULT_CHUNK_ITEMS
+    fmt: str = "auto"
+    progress: bool = True
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.output.with_name(self.output.name + ".rejected.jsonl")
 
 
 @dataclass(slots=True)

@@ -1,0 +1,1 @@
+"""The local one-machine fleet: child processes, embedded servers, `qscore up`."""

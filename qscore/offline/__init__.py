@@ -1,0 +1,1 @@
+"""Offline re-scoring of query logs in process."""
