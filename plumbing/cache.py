@@ -156,7 +156,9 @@ class CacheStats:
 class ResultCache:
     """In-process LRU in front of Redis; one round trip per call for whatever the LRU lacks."""
 
-    def __init__(self, settings: CacheSettings, model_version: str) -> None:
+    def __init__(self, settings: CacheSettings, model_version: str, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` is what the circuit breaker reads the time from (tests pass a fake one)."""
         if not model_version:
             raise ValueError("model_version must be non-empty: cache keys include it")
         self.settings = settings
@@ -165,7 +167,8 @@ class ResultCache:
         self._local: OrderedDict[bytes, bytes] = OrderedDict()
         self._redis: Redis | None = None
         self._started = False
-        self._down_until = 0.0  # time.monotonic() before which Redis is skipped
+        self._clock = clock
+        self._down_until = 0.0  # clock() before which Redis is skipped
         self._outage = False  # warned about a failure, no success since
         self._where = settings.safe_url
 
@@ -244,7 +247,7 @@ class ResultCache:
         redis = self._redis
         if redis is None:
             return None
-        if time.monotonic() < self._down_until:
+        if self._clock() < self._down_until:
             self.stats.bypasses += 1
             return None
         try:
@@ -261,7 +264,7 @@ class ResultCache:
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
-        self._down_until = time.monotonic() + self.settings.retry_after_s
+        self._down_until = self._clock() + self.settings.retry_after_s
         if not self._outage:  # one warning an outage, not one a call
             self._outage = True
             log.warning(

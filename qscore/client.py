@@ -38,9 +38,15 @@ from schemas import (
     encode_query_batch,
 )
 
+# The settings a client needs are part of its API: `from qscore.client import KafkaSettings`.
+__all__ = ["ConsumerStats", "KafkaSettings", "NotStarted", "PollHook", "QueryProducer", "ScoreBook",
+           "ScoreConsumer", "ScoresTimeout", "SentBatch", "Topics"]
+
 log = structlog.get_logger(__name__)
 
 DEFAULT_TOPICS = Topics()
+# After each poll of a ScoreConsumer: (records received, partitions assigned).
+PollHook = Callable[[int, frozenset[TopicPartition]], None]
 _POLL_MS = 500  # longest a getmany waits; records end the wait as soon as they arrive
 
 
@@ -277,14 +283,18 @@ class ScoreConsumer(_Lifecycle):
     group_id: the group's share, `from_beginning` only where it has no committed offset, and
     `commit()` saves progress. Records are fetched only while someone iterates or waits; a
     batch fetched by a wait but wanted by none is kept for iteration. `consumer_options`: extra
-    AIOKafkaConsumer arguments (e.g. short group sessions on the embedded broker)."""
+    AIOKafkaConsumer arguments (e.g. short group sessions on the embedded broker). `on_poll`,
+    if given, is called after every poll with the number of records it received (duplicates
+    and undecodable ones included) and the partitions then assigned: activity for idle
+    timers."""
 
     def __init__(self, settings: KafkaSettings, topics: Topics = DEFAULT_TOPICS, *,
                  group_id: str | None = None, from_beginning: bool = True,
                  consumer_options: Mapping[str, Any] | None = None,
                  limits: Limits = DEFAULT_LIMITS, remember_items: int = 100_000,
-                 max_unread: int = 10_000) -> None:
+                 max_unread: int = 10_000, on_poll: PollHook | None = None) -> None:
         self.topic = topics.scores
+        self.on_poll = on_poll
         self.limits = limits
         self.from_beginning = from_beginning
         self.book = ScoreBook(remember_items=remember_items, max_unread=max_unread)
@@ -369,10 +379,13 @@ class ScoreConsumer(_Lifecycle):
         async with self._lock:
             if satisfied():
                 return
-            records = await self._running().getmany(timeout_ms=_POLL_MS)
+            consumer = self._running()
+            records = await consumer.getmany(timeout_ms=_POLL_MS)
             for tp, messages in records.items():
                 for message in messages:
                     self._ingest(tp, message.offset, message.value)
+            if self.on_poll is not None:
+                self.on_poll(sum(map(len, records.values())), frozenset(consumer.assignment()))
 
     def _running(self) -> AIOKafkaConsumer:
         if self._consumer is None:

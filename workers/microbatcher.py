@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,8 +93,11 @@ class BatcherSettings:
 
 
 class MicroBatcher:
-    def __init__(self, settings: BatcherSettings) -> None:
+    def __init__(self, settings: BatcherSettings, *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """`clock` times arrivals, waits and batch formation (tests pass a fake one)."""
         self.settings = settings
+        self._clock = clock
         self._queues: dict[Priority, deque[SeqRef]] = {"online": deque(), "offline": deque()}
         self._arrived = asyncio.Event()
         self._space = asyncio.Condition()
@@ -119,7 +123,7 @@ class MicroBatcher:
             await self._space.wait_for(
                 lambda: not queue or len(queue) + n <= self.settings.capacity)
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
+        now = self._clock()
         if self._last_submit is not None:
             gap = now - self._last_submit
             self.mean_gap_s = gap if self.mean_gap_s == float("inf") else (
@@ -147,7 +151,7 @@ class MicroBatcher:
             if (len(queue) >= s.max_batch or s.max_wait_ms == 0
                     or self.mean_gap_s * 1000 > s.max_wait_ms):
                 break
-            wait = queue[0].job.enqueued_at + s.max_wait_ms / 1000 - time.perf_counter()
+            wait = queue[0].job.enqueued_at + s.max_wait_ms / 1000 - self._clock()
             if wait <= 0:
                 break
             self._arrived.clear()
@@ -155,7 +159,7 @@ class MicroBatcher:
                 await asyncio.wait_for(self._arrived.wait(), wait)
             except TimeoutError:
                 break
-        batch = MicroBatch(self._take(queue), priority)
+        batch = MicroBatch(self._take(queue), priority, formed_at=self._clock())
         async with self._space:
             self._space.notify_all()
         return batch

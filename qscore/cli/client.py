@@ -17,6 +17,7 @@ from typing import Annotated, Any, BinaryIO, TextIO
 
 import orjson
 import typer
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from rich.progress import (
     BarColumn,
@@ -33,7 +34,7 @@ from rich.text import Text
 from plumbing import aio
 from plumbing.kafka import KafkaSettings, Topics, ensure_topics
 from plumbing.logs import configure_logging
-from qscore.cli.options import kafka_command
+from qscore.cli.options import LogLevel, kafka_command
 from qscore.cli.output import err, fail, print_summary
 from qscore.client import QueryProducer, ScoreConsumer, SentBatch
 from qscore.offline.querylog import LogRecord, count_lines, iter_query_log
@@ -41,7 +42,6 @@ from schemas import DEFAULT_LIMITS, Limits, QueryItem, SchemaError
 
 topics_app = typer.Typer(help="Manage the fleet's Kafka topics.", no_args_is_help=True)
 
-LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
 
 
 class TokenBucket:
@@ -265,8 +265,11 @@ def consume(
         "Stop after this many score batches (after filtering)."))] = None,
     idle_timeout: Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_TIMEOUT", min=0.0,
                                                        help=(
-        "Stop when no (matching) scores arrived for this many seconds; default: run until "
-        "Ctrl-C."))] = None,
+        "Stop when no score record arrived for this many seconds; default: run until Ctrl-C. "
+        "The clock starts once the consumer has partitions (with --group-id: once the group "
+        "assigned it some, so a slow join does not use it up) and every record received "
+        "restarts it, including records --batch-id filters out, duplicates and undecodable "
+        "ones."))] = None,
     from_beginning: Annotated[bool, typer.Option(
         "--from-beginning/--latest", envvar="QSCORE_FROM_BEGINNING", help=(
             "Start at the oldest scores on the topic, or only read new ones (with --group-id: "
@@ -283,23 +286,49 @@ def consume(
     Redelivered duplicates are dropped; undecodable messages are skipped with a warning.
     """
     configure_logging(log_level)
-    consumer = ScoreConsumer(kafka, topics, group_id=group_id, from_beginning=from_beginning)
+    clock = IdleClock(idle_timeout) if idle_timeout is not None else None
+    consumer = ScoreConsumer(kafka, topics, group_id=group_id, from_beginning=from_beginning,
+                             on_poll=clock.poll if clock is not None else None)
     opened = output.open("w") if output else contextlib.nullcontext(sys.stdout)
     with opened as out:
         summary = _run(_consume(consumer, out, wanted=set(batch_id or ()),
-                                max_batches=max_batches, idle_timeout=idle_timeout),
+                                max_batches=max_batches, clock=clock),
                        "consuming failed")
     print_summary("consume summary", summary)
 
 
+class IdleClock:
+    """`consume --idle-timeout`'s clock over an asyncio.Timeout (`timeout`, once set): armed
+    at the first poll that finds partitions assigned, restarted whenever the assignment
+    changes and whenever a poll received records, whatever becomes of them. A ScoreConsumer
+    reports its polls through `on_poll=clock.poll`."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.timeout: asyncio.Timeout | None = None
+        self._assigned: frozenset[TopicPartition] = frozenset()
+
+    def restart(self) -> None:
+        if self.timeout is not None:
+            self.timeout.reschedule(asyncio.get_running_loop().time() + self.idle_s)
+
+    def poll(self, records: int, assigned: frozenset[TopicPartition]) -> None:
+        if records or (assigned and assigned != self._assigned):
+            self.restart()
+        self._assigned = assigned
+
+
 async def _consume(consumer: ScoreConsumer, out: TextIO, *, wanted: set[str],
-                   max_batches: int | None, idle_timeout: float | None) -> dict[str, object]:
+                   max_batches: int | None, clock: IdleClock | None) -> dict[str, object]:
     batches = items = 0
-    loop = asyncio.get_running_loop()
     async with consumer:
         try:
-            async with asyncio.timeout(idle_timeout) as idle:
+            async with asyncio.timeout(None) as idle:  # armed by the clock, see --idle-timeout
+                if clock is not None:
+                    clock.timeout = idle
                 async for batch in consumer:
+                    if clock is not None:
+                        clock.restart()  # a batch handed out is activity too
                     if wanted and batch.batch_id not in wanted:
                         continue
                     for item in batch.items:
@@ -315,10 +344,11 @@ async def _consume(consumer: ScoreConsumer, out: TextIO, *, wanted: set[str],
                     batches, items = batches + 1, items + len(batch.items)
                     if max_batches is not None and batches >= max_batches:
                         break
-                    if idle_timeout is not None:
-                        idle.reschedule(loop.time() + idle_timeout)
         except TimeoutError:
             pass  # idle: nothing more to read
+        finally:
+            if clock is not None:
+                clock.timeout = None
         await consumer.commit()
     stats = consumer.stats
     return {"batches": batches, "items": items, "duplicates_dropped": stats.duplicates,

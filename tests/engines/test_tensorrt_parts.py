@@ -19,10 +19,11 @@ from engines.batch import pad_sequences
 from engines.buckets import BucketPlan
 from engines.errors import ArtifactError, BackendUnavailable, BuildError
 from engines.export import INPUT_NAMES
-from engines.manifest import Manifest, write_manifest
+from engines.manifest import Manifest, read_manifest, write_manifest
 from engines.quantize import load_texts
 from engines.source import default_model_path, default_sample_log, resolve_model
 from engines.tensorrt import (
+    PLAN_FILE,
     TENSORRT_FILES,
     CalibrationBatches,
     ProfileShapes,
@@ -368,10 +369,6 @@ def test_qdq_check_refuses_what_tensorrt_cannot_build(tmp_path: Path) -> None:
 # --- build and runtime entry points ---------------------------------------------------------
 
 
-def test_artifact_layout() -> None:
-    assert set(TENSORRT_FILES) == {"model.plan", "model.onnx", "calibration.cache"}
-
-
 def test_build_plan_raises_backend_unavailable_not_import_error(no_tensorrt: None,
                                                                 tmp_path: Path) -> None:
     onnx_path = tmp_path / "model.onnx"
@@ -411,6 +408,14 @@ def _artifact(root: Path, backend: str, built_with: str = "10.3.0") -> Path:
         tokenizer_id="sha256:x", files={}, created_at=time.time(),
         build={"tensorrt": built_with}))
     return root
+
+
+def test_a_tensorrt_manifest_names_the_plan_the_runtime_loads(tmp_path: Path) -> None:
+    # engines.manifest keeps its own table of each backend's model file; it must agree with
+    # the file TensorRTEngine deserializes, which is one of the artifact's TensorRT files.
+    manifest = read_manifest(_artifact(tmp_path / "art", "tensorrt"))
+    assert manifest.model_file == PLAN_FILE
+    assert manifest.model_file in TENSORRT_FILES
 
 
 def test_engine_raises_backend_unavailable_without_tensorrt(no_tensorrt: None,

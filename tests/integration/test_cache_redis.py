@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,7 +20,17 @@ from qscore.local.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
-PROMPT = 1.5  # seconds a few calls may take while Redis is down (op_timeout_s is 0.25)
+HANG = 10.0  # seconds after which a call that should have timed out counts as hung
+
+
+class FakeClock:
+    """ResultCache's breaker clock, moved by hand: no sleeping out retry_after_s."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _version() -> str:
@@ -123,33 +132,41 @@ async def test_outage_is_a_bypass_not_an_error(
     version = _version()
     entries = _entries(version, 4)
     digests = [d for d, _ in entries]
-    settings = CacheSettings(redis_url=redis_server.url, retry_after_s=0.2, local_entries=2)
-    async with ResultCache(settings, version) as cache:
+    clock = FakeClock()
+    settings = CacheSettings(redis_url=redis_server.url, retry_after_s=5.0, local_entries=2)
+    async with ResultCache(settings, version, clock=clock) as cache:
         await cache.put_many(entries)  # the LRU keeps only the last two
         redis_server.kill()
 
-        started = time.monotonic()
+        failed_at = clock.now
         assert await cache.get_many(digests) == [None, None, entries[2][1], entries[3][1]]
-        await cache.put_many(entries[:1])  # within retry_after_s: skipped, not tried
-        assert await cache.get_many(digests[1:2]) == [None]
-        assert time.monotonic() - started < PROMPT
+        assert (cache.stats.errors, cache.stats.bypasses) == (1, 0)  # tried, failed
         assert not cache.redis_available
+        await cache.put_many(entries[:1])  # within retry_after_s: skipped, not tried
+        clock.now = failed_at + 4.99
+        assert await cache.get_many(digests[1:2]) == [None]  # still skipped
         assert (cache.stats.errors, cache.stats.bypasses) == (1, 2)
 
-        await asyncio.sleep(0.25)  # past retry_after_s: tried again, fails again, no new warning
+        clock.now = failed_at + 5.0  # retry_after_s is up: tried again, fails again, no warning
         assert await cache.get_many(digests[1:2]) == [None]
-        assert cache.stats.errors == 2
+        assert (cache.stats.errors, cache.stats.bypasses) == (2, 2)
         assert [e["event"] for e in logs] == ["cache.redis_down"]
-        assert logs[0]["log_level"] == "warning" and "retry_after_s" in logs[0]
+        assert logs[0]["log_level"] == "warning" and logs[0]["retry_after_s"] == 5.0
 
         await asyncio.to_thread(redis_server.start)  # same port, empty
-        await asyncio.sleep(0.25)  # the breaker still holds off until retry_after_s has passed
+        failed_at = clock.now
+        clock.now = failed_at + 4.99  # Redis is back, but the breaker holds off until 5 s
+        await cache.put_many(entries[2:3])
+        assert (cache.stats.errors, cache.stats.bypasses) == (2, 3)
+        assert not cache.redis_available
+        clock.now = failed_at + 5.0
         await cache.put_many(entries[1:2])
-        assert cache.redis_available and cache.stats.errors == 2
+        assert cache.redis_available and (cache.stats.errors, cache.stats.bypasses) == (2, 3)
         assert [e["event"] for e in logs] == ["cache.redis_down", "cache.redis_back"]
 
-    async with ResultCache(settings, version) as fresh:  # the write reached the new server
-        assert await fresh.get_many(digests[:2]) == [None, entries[1][1]]
+    # Only the write made after the hold-off reached the new server.
+    async with ResultCache(settings, version) as fresh:
+        assert await fresh.get_many(digests[:3]) == [None, entries[1][1], None]
         assert fresh.stats.hits_redis == 1
 
 
@@ -172,19 +189,29 @@ async def test_a_hung_server_cannot_hang_a_call(
 ) -> None:
     version = _version()
     entries = _entries(version, 2)
-    settings = CacheSettings(redis_url=stopped.url, op_timeout_s=0.25, retry_after_s=0.2)
-    async with ResultCache(settings, version) as cache:
+    clock = FakeClock()
+    settings = CacheSettings(redis_url=stopped.url, op_timeout_s=0.25, retry_after_s=5.0)
+    async with ResultCache(settings, version, clock=clock) as cache:
         await cache.put_many(entries[:1])  # a pooled connection, then the server stops answering
         assert stopped.pid is not None
         os.kill(stopped.pid, signal.SIGSTOP)
-        started = time.monotonic()
-        await cache.put_many(entries[1:])
-        async with ResultCache(settings, version) as other:  # connecting is bounded too
+        # HANG only catches a call that never returns (op_timeout_s is 0.25 s): without the
+        # bound these calls wait for the stopped server forever.
+        await asyncio.wait_for(cache.put_many(entries[1:]), HANG)
+        assert (cache.stats.errors, cache.stats.bypasses) == (1, 0)
+        assert not cache.redis_available
+        assert logs[0]["error"].startswith("TimeoutError")  # op_timeout_s ended it
+        other = ResultCache(settings, version, clock=clock)
+        await asyncio.wait_for(other.start(), HANG)  # starting (its PING) is bounded too
+        try:
             assert await other.get_many([entries[1][0]]) == [None]
-        assert time.monotonic() - started < PROMPT
-        assert cache.stats.errors == 1 and not cache.redis_available
+            assert (other.stats.errors, other.stats.bypasses) == (1, 1)
+        finally:
+            await other.close()
         os.kill(stopped.pid, signal.SIGCONT)
-        await asyncio.sleep(0.25)
         assert await cache.get_many([entries[0][0]]) == [entries[0][1]]  # from the LRU
+        await cache.put_many(entries[1:])  # the server answers again, the breaker holds off
+        assert not cache.redis_available and cache.stats.bypasses == 1
+        clock.now += settings.retry_after_s
         await cache.put_many(entries[1:])
-        assert cache.redis_available
+        assert cache.redis_available and cache.stats.errors == 1

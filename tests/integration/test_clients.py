@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -140,8 +141,11 @@ async def test_wait_for_returns_all_items_or_says_what_is_missing(
     settings: KafkaSettings, topics: Topics, consumer: ScoreConsumer
 ) -> None:
     await _publish_raw(settings, topics.scores, encode_score_batch(_scores("B", "q1")))
+    await consumer.wait_for("B", ["q1"], timeout=TIMEOUT)  # q1 has been read, however slowly
+    # q2 is not published until after this wait, so its timeout expires whatever the speed,
+    # and the q1 seen before the call counts: exactly one of two is missing.
     with pytest.raises(ScoresTimeout, match=r"1 of 2 item scores missing .* 'B': \['q2'\]") as e:
-        await consumer.wait_for("B", ["q1", "q2"], timeout=1.0)
+        await consumer.wait_for("B", ["q1", "q2"], timeout=0.2)
     assert e.value.missing == {"B": {"q2"}} and set(e.value.received["B"]) == {"q1"}
 
     # The late item completes the batch; the one seen before still counts.
@@ -274,9 +278,12 @@ async def test_consume_command_writes_jsonl_and_stops(
          "embedding": [0.6, 0.8]},
     ]
 
-    result = await _cli("consume", "--batch-id", "c3", "--idle-timeout", "1", *common)
+    # The idle clock starts once the consumer has its partitions and every record restarts it,
+    # filtered out or not; 3 s of silence only comes after the last record (c3).
+    result = await _cli("consume", "--batch-id", "c3", "--idle-timeout", "3", *common)
     assert result.exit_code == 0, result.output
     assert [orjson.loads(line)["batch_id"] for line in result.stdout.splitlines()] == ["c3"]
+    assert re.search(r"duplicates_dropped\s*│\s*1\b", result.stderr), result.stderr
 
 
 async def test_topics_create_command(kafka_bootstrap: str, topic_name: str) -> None:

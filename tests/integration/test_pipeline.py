@@ -1,4 +1,5 @@
-"""RecordPipeline on a real broker: broker trouble stops it, bad records dead-letter."""
+"""RecordPipeline on a real broker: broker trouble stops it, bad records dead-letter,
+backpressure pauses fetching, rebalances are counted."""
 
 from __future__ import annotations
 
@@ -9,12 +10,33 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from engines.errors import EngineDead
-from plumbing.kafka import make_consumer, make_producer
+from plumbing.kafka import KafkaSettings, make_consumer, make_producer
 from plumbing.pipeline import PipelineError, PipelineSettings, RecordPipeline
 from schemas import DEFAULT_LIMITS
 from tests.integration.fleet_helpers import CreateTopic, kafka_settings
 
 pytestmark = pytest.mark.integration
+
+TIMEOUT = 60.0  # seconds a group join or rebalance may take before the test fails
+
+
+async def _produce(kafka: KafkaSettings, topic: str, *values: bytes,
+                   partition: int | None = None) -> None:
+    producer = make_producer(kafka)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, partition=partition)
+    finally:
+        await producer.stop()
+
+
+def _pipeline(kafka: KafkaSettings, topic: str, dead: str, group: str, name: str,
+              max_in_flight: int = 256) -> RecordPipeline:
+    return RecordPipeline(kafka, [topic], PipelineSettings(group_id=group,
+                                                           max_in_flight=max_in_flight),
+                          stage="score", dead_letter_topic=dead, limits=DEFAULT_LIMITS,
+                          name=name)
 
 
 @pytest.mark.parametrize("failure", [
@@ -44,7 +66,8 @@ async def test_a_broker_failure_stops_the_pipeline_without_dead_letter_or_commit
 
     pipeline = RecordPipeline(kafka, [source], PipelineSettings(group_id=f"{topic_name}-g",
                                                                 max_in_flight=1),
-                              stage="score", dead_letter_topic=dead, limits=DEFAULT_LIMITS)
+                              stage="score", dead_letter_topic=dead, limits=DEFAULT_LIMITS,
+                              fatal=(EngineDead,))  # as the scoring worker declares it
     await pipeline.start()
     try:
         with pytest.raises(PipelineError):
@@ -53,6 +76,8 @@ async def test_a_broker_failure_stops_the_pipeline_without_dead_letter_or_commit
         await pipeline.stop()
     assert pipeline.stats.dead_letters == 0  # not the record's fault: no dead letter
     assert b"outputs-not-acked" in seen
+    # It joined its group, and aiokafka revokes (nothing, the first time) before every join.
+    assert pipeline.stats.rebalances >= 1
 
     check = make_consumer(kafka, group_id=f"{topic_name}-g")
     await check.start()
@@ -61,3 +86,104 @@ async def test_a_broker_failure_stops_the_pipeline_without_dead_letter_or_commit
     finally:
         await check.stop()
     assert committed == 1  # "ok" done; the unacknowledged record will be redelivered
+
+
+async def test_backpressure_pauses_fetching_until_a_slot_frees(
+        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str) -> None:
+    kafka = kafka_settings(kafka_bootstrap)
+    source = await create_topic(f"{topic_name}.in")
+    dead = await create_topic(f"{topic_name}.dead")
+    await _produce(kafka, source, b"r0", b"r1", b"r2")
+
+    gate, paused, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(record: ConsumerRecord) -> None:
+        await gate.wait()  # r0 and r1 hold both slots until the test opens the gate
+        handled.append(record.value)
+        if len(handled) == 3:
+            done.set()
+
+    pipeline = _pipeline(kafka, source, dead, f"{topic_name}-g", "bp", max_in_flight=2)
+    pause = pipeline.consumer.pause
+
+    def spy(*partitions: TopicPartition) -> None:
+        pause(*partitions)
+        paused.set()
+
+    pipeline.consumer.pause = spy  # type: ignore[method-assign]
+    await pipeline.start()
+    run = asyncio.create_task(pipeline.run(handler))
+    try:
+        await asyncio.wait_for(paused.wait(), TIMEOUT)  # r2 fetched, no slot free for it
+        assert pipeline.stats.pauses == 1 and pipeline.stats.records == 2
+        assert pipeline.consumer.paused() == {TopicPartition(source, 0)}
+        gate.set()
+        await asyncio.wait_for(done.wait(), TIMEOUT)
+        assert sorted(handled) == [b"r0", b"r1", b"r2"]
+        assert pipeline.stats.pauses == 1  # nothing was left to wait for a slot after r2
+        assert pipeline.consumer.paused() == set()  # resumed once r2 got its slot
+        pipeline.request_stop()
+        await asyncio.wait_for(run, TIMEOUT)
+    finally:
+        pipeline.request_stop()
+        await pipeline.stop()
+    assert pipeline.stats.finished == 3 and pipeline.stats.rebalances >= 1
+
+
+async def test_a_member_joining_and_leaving_rebalances_the_group(
+        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str) -> None:
+    kafka = kafka_settings(kafka_bootstrap)
+    source = await create_topic(f"{topic_name}.in", partitions=2)
+    dead = await create_topic(f"{topic_name}.dead")
+    group = f"{topic_name}-g"
+    changed = asyncio.Event()
+    assignments: dict[str, set[TopicPartition]] = {}
+
+    def watch(pipeline: RecordPipeline) -> RecordPipeline:
+        on_assigned = pipeline.on_assigned
+
+        def spy(assigned: set[TopicPartition]) -> None:
+            on_assigned(assigned)
+            assignments[pipeline.name] = assigned
+            changed.set()
+
+        pipeline.on_assigned = spy  # type: ignore[method-assign]
+        return pipeline
+
+    async def until(*sizes: int) -> None:
+        """Until members a (and b) hold `sizes` partitions."""
+        async with asyncio.timeout(TIMEOUT):
+            while [len(assignments.get(n, ())) for n in "ab"[:len(sizes)]] != list(sizes):
+                changed.clear()
+                await changed.wait()
+
+    async def handler(record: ConsumerRecord) -> None:
+        pass
+
+    a = watch(_pipeline(kafka, source, dead, group, "a"))
+    b = watch(_pipeline(kafka, source, dead, group, "b"))
+    await a.start()
+    run_a = asyncio.create_task(a.run(handler))
+    try:
+        await until(2)  # alone: both partitions
+        alone = a.stats.rebalances
+        assert alone >= 1  # its own join
+        await b.start()
+        run_b = asyncio.create_task(b.run(handler))
+        try:
+            await until(1, 1)  # b joined: a gave a partition up
+            assert b.stats.rebalances >= 1
+            shared = a.stats.rebalances
+            assert shared > alone
+        finally:
+            b.request_stop()
+            await asyncio.wait_for(run_b, TIMEOUT)
+            await b.stop()
+        assignments.pop("b")
+        await until(2)  # b left: a takes both partitions again
+        assert a.stats.rebalances > shared
+    finally:
+        a.request_stop()
+        await asyncio.wait_for(run_a, TIMEOUT)
+        await a.stop()

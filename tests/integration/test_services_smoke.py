@@ -1,153 +1,89 @@
-"""The real servers behind the integration tests work the way the fleet relies on."""
+"""What every qscore service stands on, run for real: plumbing.aio's event loop and signal
+handling, and a ResultCache whose Redis is down when the service starts.
+
+(The broker and Redis themselves are exercised through qscore in test_clients, test_pipeline,
+test_cache_redis and test_fleet.)"""
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+import os
+import signal
+import sys
 
 import pytest
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from redis.exceptions import ConnectionError as RedisConnectionError
 
+from plumbing import aio
+from plumbing.cache import CacheSettings, ResultCache, encode_floats, key_digest
 from qscore.local.servers import RedisServer
-from schemas import QueryBatch, QueryItem, decode_query_batch, encode_query_batch
-
-pytestmark = pytest.mark.integration
-
-TIMEOUT = 15.0  # seconds any single broker/redis step may take before the test fails
 
 
-def _batch(n: int) -> QueryBatch:
-    return QueryBatch(
-        batch_id=f"b{n}-{uuid.uuid4().hex[:6]}",
-        items=(
-            QueryItem(id="q1", query=f"cheap flights {n}"),
-            QueryItem(id="q2", query="weather paris", docs=("sunny in paris", "rain in lyon")),
-        ),
-        submitted_at=time.time(),
-        reply_topic="scores.smoke",
-    )
+async def _loop_type() -> type:
+    return type(asyncio.get_running_loop())
 
 
-@asynccontextmanager
-async def _producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    # No idempotence: tansu cannot do InitProducerId.
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
-    await producer.start()
-    try:
-        yield producer
-    finally:
-        await producer.stop()
-
-
-@asynccontextmanager
-async def _group_consumer(
-    bootstrap: str, topic: str, group: str, options: dict[str, Any]
-) -> AsyncIterator[AIOKafkaConsumer]:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-        auto_offset_reset="earliest", **options,
-    )
-    await consumer.start()
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
-
-
-async def _send(producer: AIOKafkaProducer, topic: str, batch: QueryBatch) -> None:
-    await asyncio.wait_for(
-        producer.send_and_wait(topic, encode_query_batch(batch), key=batch.batch_id.encode()),
-        TIMEOUT,
-    )
-
-
-async def _receive(consumer: AIOKafkaConsumer, count: int) -> dict[str, QueryBatch]:
-    received: dict[str, QueryBatch] = {}
-    for _ in range(count):
-        message = await asyncio.wait_for(consumer.getone(), TIMEOUT)
-        batch = decode_query_batch(message.value)
-        received[batch.batch_id] = batch
-    return received
-
-
-async def test_query_batch_round_trips_through_a_consumer_group(
-    kafka_bootstrap: str, kafka_consumer_options: dict[str, Any], topic_name: str,
-    create_topic: Callable[..., Awaitable[str]],
-) -> None:
-    topic = await create_topic(topic_name)
-    sent = _batch(0)
-    async with _producer(kafka_bootstrap) as producer:
-        await _send(producer, topic, sent)
-
-    async with _group_consumer(
-        kafka_bootstrap, topic, f"{topic}-group", kafka_consumer_options
-    ) as consumer:
-        assert await _receive(consumer, 1) == {sent.batch_id: sent}
-
-
-async def test_group_reads_all_partitions_and_resumes_from_committed_offsets(
-    kafka_bootstrap: str, kafka_consumer_options: dict[str, Any], topic_name: str,
-    create_topic: Callable[..., Awaitable[str]],
-) -> None:
-    topic = await create_topic(topic_name, partitions=3)
-    group = f"{topic}-group"
-    first = [_batch(n) for n in range(6)]
-    later = _batch(99)
-
-    async with _producer(kafka_bootstrap) as producer:
-        for batch in first:
-            await _send(producer, topic, batch)
-
-        async with _group_consumer(kafka_bootstrap, topic, group, kafka_consumer_options) as c:
-            assert await _receive(c, len(first)) == {b.batch_id: b for b in first}
-            assert c.assignment() == {TopicPartition(topic, p) for p in range(3)}
-            await c.commit()
-            committed = [await c.committed(TopicPartition(topic, p)) for p in range(3)]
-            assert sum(n or 0 for n in committed) == len(first)
-
-        await _send(producer, topic, later)
-
-    # A new member of the same group starts after the commit: it sees only the new batch.
-    async with _group_consumer(kafka_bootstrap, topic, group, kafka_consumer_options) as c:
-        assert await _receive(c, 1) == {later.batch_id: later}
-        positions = [await c.position(TopicPartition(topic, p)) for p in range(3)]
-        assert sum(positions) == len(first) + 1
-
-
-async def test_redis_set_get_with_ttl(redis_url: str) -> None:
-    client = aioredis.from_url(redis_url)
-    key = f"qscore-test:{uuid.uuid4().hex}"
-    try:
-        assert await client.set(key, b"\x00score:0.93", ex=60)
-        assert await client.get(key) == b"\x00score:0.93"
-        assert 0 < await client.ttl(key) <= 60
-        assert await client.get(f"{key}:missing") is None
-    finally:
-        await client.delete(key)
-        await client.aclose()
-
-
-async def test_redis_kill_then_restart(redis_server: RedisServer) -> None:
-    client = aioredis.from_url(redis_server.url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        await client.set("k", "v")
-        redis_server.kill()
-        with pytest.raises(RedisConnectionError):
-            await asyncio.wait_for(client.ping(), TIMEOUT)
-
-        redis_server.start()  # same port, empty: nothing is persisted
-        assert await asyncio.wait_for(client.ping(), TIMEOUT)
-        assert await client.get("k") is None
-    finally:
-        await client.aclose()
-
-
-async def test_async_tests_run_on_uvloop_when_installed() -> None:
+def test_run_uses_uvloop_where_installed() -> None:
     uvloop = pytest.importorskip("uvloop")
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    assert issubclass(aio.run(_loop_type()), uvloop.Loop)
+
+
+def test_run_falls_back_to_the_stdlib_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    loop_type = aio.run(_loop_type())
+    assert issubclass(loop_type, asyncio.BaseEventLoop)
+    assert loop_type.__module__.startswith("asyncio")
+
+
+async def test_first_sigterm_stops_once_and_a_second_would_exit(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Should stop_on_signals not take SIGTERM over, this guard gets it instead of the default
+    # action (which would end pytest).
+    guarded: list[int] = []
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: guarded.append(sig))
+    loop = asyncio.get_running_loop()
+    try:
+        stopped = asyncio.Event()
+        calls: list[None] = []
+        aio.stop_on_signals(lambda: (calls.append(None), stopped.set()))
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stopped.wait(), 10)
+        assert calls == [None] and guarded == []
+        assert "SIGTERM: draining in-flight work" in capsys.readouterr().err
+        # Both handlers are gone: the next SIGTERM or SIGINT gets its default action.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert not loop.remove_signal_handler(signal.SIGTERM)
+        assert not loop.remove_signal_handler(signal.SIGINT)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.integration
+async def test_cache_started_while_redis_is_down_uses_it_once_it_is_back(
+        redis_server: RedisServer) -> None:
+    redis_server.kill()
+    entry = (key_digest("v1", "red shoes", None), encode_floats([0.5]))
+    clock = _Clock()
+    settings = CacheSettings(redis_url=redis_server.url, retry_after_s=5.0)
+    async with ResultCache(settings, "v1", clock=clock) as cache:  # does not raise
+        assert not cache.redis_available and cache.stats.errors == 1  # its PING failed
+        await cache.put_many([entry])  # kept in process; Redis skipped, not tried
+        assert cache.stats.bypasses == 1
+        await asyncio.to_thread(redis_server.start)
+        clock.now += settings.retry_after_s
+        await cache.put_many([entry])
+        assert cache.redis_available and cache.stats.errors == 1
+    async with ResultCache(settings, "v1") as fresh:  # the second write reached Redis
+        assert await fresh.get_many([entry[0]]) == [entry[1]]
+        assert fresh.stats.hits_redis == 1

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from types import SimpleNamespace
 
 import pytest
 import typer
+from aiokafka import TopicPartition
 from typer.testing import CliRunner
 
 from plumbing.cache import redact_url
 from plumbing.kafka import KafkaSettings, Topics
-from qscore.cli.client import TokenBucket, read_stdin_log
+from qscore.cli.client import IdleClock, TokenBucket, read_stdin_log
 from qscore.cli.options import (
     cache_settings_from,
     kafka_command,
     kafka_settings_from,
     topics_from,
 )
-from qscore.client import QueryProducer, ScoreBook, ScoresTimeout
-from schemas import ItemScore, Limits, QueryItem, SchemaError, ScoreBatch, Timings
+from qscore.client import QueryProducer, ScoreBook, ScoreConsumer, ScoresTimeout
+from schemas import (
+    ItemScore,
+    Limits,
+    QueryItem,
+    SchemaError,
+    ScoreBatch,
+    Timings,
+    encode_score_batch,
+)
 
 
 def _scores(batch_id: str, *ids: str, version: str = "v1") -> ScoreBatch:
@@ -178,9 +189,78 @@ def test_token_bucket_long_run_rate_and_clock_going_back() -> None:
     for _ in range(100):  # 2000 items in batches of 20, sleeping as told
         now += bucket.reserve(20, now)
     assert now == pytest.approx((2000 - 20) / 50)
-    assert bucket.reserve(0, now - 5.0) >= 0.0  # no refill from a clock step backwards
+    # The last reserve (at now - 0.4) left a debt of 20 tokens, 0.4 s at 50/s. A clock step
+    # backwards neither refills the bucket nor counts as negative time (which would deepen the
+    # debt: 5 s back at 50/s would ask for a 5.0 s wait); the debt stays exactly as it was.
+    assert bucket.reserve(0, now - 5.0) == pytest.approx(0.4)
+    # The step back did not rewind the bucket's clock either: 0.4 s after the latest time seen
+    # the debt is paid and the next 20 wait 0.4 s again (a bucket that took now - 5.0 as its
+    # last time would refill 5 s worth, to the burst, and answer 0.0).
+    assert bucket.reserve(20, now) == pytest.approx(0.4)
+    assert bucket.reserve(0, now + 0.4) == pytest.approx(0.0)
     with pytest.raises(ValueError):
         TokenBucket(rate=0)
+
+
+# -- consume --idle-timeout ---------------------------------------------------------------------
+
+class _FakeKafkaConsumer:
+    """What a ScoreConsumer asks of aiokafka per poll: the records, and the assignment."""
+
+    def __init__(self) -> None:
+        self.assigned: set[TopicPartition] = set()
+        self.next_poll: list[bytes] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[SimpleNamespace]]:
+        values, self.next_poll = self.next_poll, []
+        tp = TopicPartition("scores", 0)
+        return {tp: [SimpleNamespace(offset=n, value=v) for n, v in enumerate(values)]}
+
+
+async def test_idle_clock_starts_at_assignment_and_any_record_restarts_it() -> None:
+    kafka = _FakeKafkaConsumer()
+    clock = IdleClock(30.0)
+    consumer = ScoreConsumer(KafkaSettings(), Topics(), on_poll=clock.poll)
+    consumer._consumer = kafka  # type: ignore[assignment]
+    loop = asyncio.get_running_loop()
+    far = loop.time() + 1e6  # a deadline no restart would set: a restart moves it to ~now + 30
+
+    def restarted() -> bool:
+        moved = idle.when() != far
+        idle.reschedule(far)
+        return moved
+
+    async def poll(*values: bytes) -> None:
+        kafka.next_poll = list(values)
+        before = loop.time()
+        await consumer._fetch(lambda: False)
+        when = idle.when()
+        assert when is None or when == far or before + 30 <= when <= loop.time() + 30
+
+    async with asyncio.timeout(None) as idle:
+        clock.timeout = idle
+        await poll()
+        assert idle.when() is None  # no partitions yet (a group still joining): not counting
+        kafka.assigned = {TopicPartition("scores", 0)}
+        await poll()
+        assert idle.when() is not None  # assigned: the clock starts
+        idle.reschedule(far)
+        await poll()
+        assert not restarted()  # an empty poll is idle time
+        await poll(encode_score_batch(_scores("elsewhere", "q1")))  # any batch, kept or not
+        assert restarted()
+        await poll(encode_score_batch(_scores("elsewhere", "q1")))  # a duplicate
+        assert restarted() and consumer.stats.duplicates == 1
+        await poll(b"not json")  # undecodable
+        assert restarted() and consumer.stats.undecodable == 1
+        kafka.assigned = {TopicPartition("scores", 0), TopicPartition("scores", 1)}
+        await poll()
+        assert restarted()  # a rebalance gave it new partitions
+        await poll()
+        assert not restarted()
 
 
 # -- stdin query logs ---------------------------------------------------------------------------

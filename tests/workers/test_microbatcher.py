@@ -30,13 +30,41 @@ async def test_idle_request_runs_alone_at_once() -> None:
     assert batch.size == 1 and batcher.depth() == 0
 
 
+class FakeClock:
+    """The batcher's clock, moved by hand: arrival gaps do not depend on the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_frequent_arrivals_wait_at_most_max_wait() -> None:
-    batcher = MicroBatcher(BatcherSettings(max_batch=32, max_wait_ms=5))
-    for _ in range(3):  # back-to-back arrivals: company is likely, so it waits (briefly)
+    clock = FakeClock()
+    batcher = MicroBatcher(BatcherSettings(max_batch=32, max_wait_ms=5), clock=clock)
+    for _ in range(3):  # arrivals 1 ms apart: company is likely, so it waits (briefly)
         await batcher.submit(_tb([7]))
+        clock.now += 0.001
+    assert batcher.mean_gap_s == pytest.approx(0.001)
+    # 3 ms after the oldest arrival (at 100.000): it waits for company, up to 5 ms from it.
+    clock.now = 100.003
+    pending = asyncio.create_task(batcher.next_batch())
+    await asyncio.sleep(0)
+    assert not pending.done()
+    first = await asyncio.wait_for(pending, 1)  # nobody comes: it stops waiting by itself
+    assert first.size == 3 and first.oldest_wait_s() == pytest.approx(0.003)
+
+    # max_wait_ms is counted from the oldest arrival: once that is over, no wait at all.
+    for _ in range(3):
+        await batcher.submit(_tb([7]))
+        clock.now += 0.001  # still frequent: the mean gap stays ~1 ms
     assert batcher.mean_gap_s * 1000 < 5
-    first = await asyncio.wait_for(batcher.next_batch(), 1)
-    assert first.size == 3 and first.oldest_wait_s() >= 0.005
+    clock.now += 0.003  # the oldest of these arrived 6 ms ago, past max_wait_ms
+    pending = asyncio.create_task(batcher.next_batch())
+    await asyncio.sleep(0)
+    assert pending.done() and pending.result().size == 3
+    assert pending.result().oldest_wait_s() == pytest.approx(0.006)
 
 
 async def test_deep_queue_gives_full_batches_without_waiting() -> None:
