@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import load_queries, machine, markdown_table, percentiles, write_section
+from engines.accuracy import cosines
 
 
 def hf_one_at_a_time(model, tokenizer, queries, max_length):  # type: ignore[no-untyped-def]
@@ -156,8 +157,7 @@ def precision_rows(fp32_path: Path, root: Path, report: list[str], calibration: 
              "1.0000", "1.0000"]]
     for label, engine in engines:
         emb, rate, times, pairs = measure(engine)
-        cos = np.sum(emb * ref, axis=1) / (np.linalg.norm(emb, axis=1) *
-                                           np.linalg.norm(ref, axis=1))
+        cos = cosines(ref, emb)
         p50, p99 = percentiles(times)
         rows.append([label, f"{rate:,.0f}", f"{rate / ref_rate:.2f}x", f"{p50:.1f}",
                      f"{p99:.1f}", f"{cos.mean():.4f}", f"{np.percentile(cos, 1):.4f}",
@@ -226,10 +226,10 @@ def main() -> None:
         names = list(results)
         ref = results[names[1]]
         ours = results[names[2]]
-        cos = np.sum(ref * ours, axis=1)
+        cos = cosines(ref, ours)
         for row, name in zip(rows, names, strict=True):
             emb = results[name]
-            c = np.sum(emb * ref[: len(emb)], axis=1)
+            c = cosines(ref[: len(emb)], emb)
             row.append(f"{c.min():.6f}")
         int8_rows, excluded = None, ""
         if not args.skip_int8:

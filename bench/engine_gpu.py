@@ -40,11 +40,11 @@ from bench.gpu_runs import (
     GpuMemory,
     HfEncoder,
     Timing,
-    cosines,
     drain_batches,
     time_calls,
     time_lanes,
 )
+from engines.accuracy import cosines
 from engines.batch import PaddedBatch, pad_sequences, plan_batches
 
 MODEL_ENV = "QSCORE_TEST_MODEL"  # a model directory standing in for the default model

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import load_queries, machine, markdown_table, write_section
+from engines.accuracy import cosines
 
 PRECISIONS = ("fp16", "int8", "fp8")
 
@@ -70,8 +71,7 @@ def main() -> None:
                                  progress=lambda m: print(f"  build: {m}"))
             engine = TorchEngine(path, options=TorchOptions(device="cpu", dtype="fp16"))
             got = embed(engine, tokenizer, held_out)
-            cos = np.sum(got * reference, axis=1) / (np.linalg.norm(got, axis=1)
-                                                     * np.linalg.norm(reference, axis=1))
+            cos = cosines(reference, got)
             excluded = engine.manifest.build.get("quantization", {}).get("excluded", [])
             rows.append([precision.upper(), f"{cos.mean():.4f}",
                          f"{np.percentile(cos, 1):.4f}", f"{cos.min():.4f}",

@@ -168,13 +168,6 @@ class HfEncoder:
         self.model = None
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine of two [n, dim] arrays."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return np.sum(a64 * b64, axis=1) / np.maximum(
-        np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-12)
-
-
 class GpuMemory:
     """Device memory taken by loading something, as deltas from before the load: the caching
     allocator's peak (max_memory_allocated, transients included), what stays allocated, and

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import load_queries, machine, markdown_table, write_section
+from engines.accuracy import cosines
 
 
 def batches_of(tokenizer, queries: list[str]):  # type: ignore[no-untyped-def]
@@ -52,10 +53,6 @@ def run(model: str, batches) -> tuple[np.ndarray, float]:  # type: ignore[no-unt
 def short(node: str) -> str:
     """'/encoder/encoder/layer.0/output/dense/MatMul' -> 'layer.0/output/dense'."""
     return "/".join(node.split("/")[3:-1])
-
-
-def cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    return (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
 
 
 def main() -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from engines.accuracy import cosine_budget, cosine_report, meets, rounded, torch_outputs
 from engines.buckets import BucketPlan
+from engines.build_common import Progress, build_dir, ensure_artifact, gpu_options
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
 from engines.quantize import QuantSpec, encode_texts, split_texts
@@ -24,18 +25,29 @@ from engines.source import ModelSource, default_sample_log
 from engines.tensorrt.availability import require_tensorrt
 from engines.tensorrt.build import CALIBRATION_CACHE, ONNX_FILE, PLAN_FILE, build_plan
 
-Progress = Callable[[str], None]
 CONTEXTS = 2  # one optimisation profile per execution context: two lanes
 CALIBRATION_BATCH = 16
 CALIBRATION_BATCHES = 32
 FP16_MIN_COSINE = 0.999
 
 
+def ensure_tensorrt(source: ModelSource, root: Path, *, precision: str, quant: QuantSpec,
+                    rebuild: bool, progress: Progress, promote: bool,
+                    device: str | None = None) -> Path:
+    """The TensorRT artifact for `source` at `precision`, built if no intact one exists.
+    (`device` is for the table's common signature: a plan builds on the current GPU.)"""
+    require_tensorrt()  # before hashing gigabytes or exporting anything
+    return ensure_artifact(
+        source, root, "tensorrt", precision, gpu_options(precision, quant), rebuild=rebuild,
+        progress=progress, promote=promote,
+        build=lambda target, full: build_tensorrt(source, target, full, precision, quant,
+                                                  progress))
+
+
 def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision: str,
                    quant: QuantSpec, say: Progress) -> Path:
+    """Build the TensorRT artifact for `source` at `target` (version `full_hash[:12]`)."""
     require_tensorrt()
-    from engines.build import build_dir
-    from engines.build_torch import _outputs
     from engines.export import export_onnx
     from engines.tensorrt.calibration import CalibrationBatches
     from engines.tensorrt.runtime import TensorRTEngine
@@ -77,7 +89,7 @@ def build_tensorrt(source: ModelSource, target: Path, full_hash: str, precision:
         write_manifest(work, manifest)
         say(f"checking the plan against PyTorch FP32 on {min(len(validate), 600)} queries")
         checked = encode_texts(tokenizer, validate[:600])
-        ref = _outputs(reference, checked, "cpu")
+        ref = torch_outputs(reference, checked, "cpu")
         engine = TensorRTEngine(work, lanes=1, verify=False)
         try:
             got = np.empty_like(ref)
@@ -100,16 +112,11 @@ def _judge(source: ModelSource, precision: str, quant: QuantSpec, ref: np.ndarra
         if diff > 1e-2:
             raise BuildError(f"TensorRT FP16 plan differs from FP32 by {diff:.2e} probability")
         return {"max_abs_prob_diff": diff}
-    from engines.build_torch import cosines
-
-    cos = cosines(ref, got)
-    report = {"mean_cosine": float(cos.mean()), "p1_cosine": float(np.percentile(cos, 1)),
-              "min_cosine": float(cos.min())}
+    report = cosine_report(ref, got)
     if precision == "fp16" and report["min_cosine"] < FP16_MIN_COSINE:
         raise BuildError(f"TensorRT FP16 plan is not within {FP16_MIN_COSINE} cosine of FP32 "
                          f"on every query: {report}")
-    if precision == "int8" and (report["mean_cosine"] < 1 - quant.max_drop
-                                or report["p1_cosine"] < 1 - 4 * quant.max_drop):
+    if precision == "int8" and not meets(report, cosine_budget(quant.max_drop)):
         raise BuildError(f"TensorRT INT8 plan misses max_drop {quant.max_drop}: {report}; "
                          "use --precision fp16, or explicit Q/DQ (docs/tensorrt.md)")
-    return {k: round(v, 6) for k, v in report.items()}
+    return rounded(report)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from engines.accuracy import cosine_budget, cosine_report, cosines, meets, rounded, torch_outputs
+from engines.build_common import Progress, build_dir, ensure_artifact, gpu_options
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
 from engines.quantize import QuantSpec, encode_texts, split_texts
@@ -32,14 +34,24 @@ FP16_MAX_PROB_DIFF = 1e-2  # classifier heads
 IMPLEMENTATION_MIN_COSINE = 0.9999
 CHECK_QUERIES = 600
 
-Progress = Callable[[str], None]
+
+def ensure_torch(source: ModelSource, root: Path, *, precision: str, quant: QuantSpec,
+                 rebuild: bool, progress: Progress, promote: bool,
+                 device: str | None = None) -> Path:
+    """The torch-backend artifact for `source` at `precision`, built if no intact one exists;
+    `device` is where the precision check runs (default: CUDA when present, else CPU)."""
+    return ensure_artifact(
+        source, root, "torch", precision, gpu_options(precision, quant), rebuild=rebuild,
+        progress=progress, promote=promote,
+        build=lambda target, full: build_torch(source, target, full, precision, quant,
+                                               progress, device=device))
 
 
 def build_torch(source: ModelSource, target: Path, full_hash: str, precision: str,
                 quant: QuantSpec, say: Progress, *, device: str | None = None) -> Path:
+    """Build the torch artifact for `source` at `target` (version `full_hash[:12]`)."""
     import torch
 
-    from engines.build import build_dir
     from engines.export import _load_torch_model, head_module
     from engines.tokenizer import QueryTokenizer, tokenizer_id_of
     from engines.torch_model import EncoderConfig, save_encoder, state_from_hf
@@ -89,28 +101,6 @@ def build_torch(source: ModelSource, target: Path, full_hash: str, precision: st
     return target
 
 
-def _outputs(model: Any, batches: list[tuple[np.ndarray, Any]], device: Any) -> np.ndarray:
-    import torch
-
-    n = sum(len(rows) for rows, _ in batches)
-    out: np.ndarray | None = None
-    with torch.inference_mode():
-        for rows, b in batches:
-            feeds = [torch.from_numpy(a).to(device) for a in
-                     (b.input_ids, b.attention_mask, b.token_type_ids)]
-            res = model(*feeds).float().cpu().numpy()
-            if out is None:
-                out = np.empty((n, *res.shape[1:]), dtype=np.float32)
-            out[rows] = res
-    assert out is not None
-    return out
-
-
-def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    return np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1)
-                                        * np.linalg.norm(got, axis=1) + 1e-12)
-
-
 def _implementation_check(cfg: Any, state: dict[str, Any], reference: Any,
                           tokenizer: Any) -> dict[str, float]:
     from engines.export import CHECK_TEXTS
@@ -120,7 +110,7 @@ def _implementation_check(cfg: Any, state: dict[str, Any], reference: Any,
     model.load_state_dict(state)
     model.eval()
     batches = encode_texts(tokenizer, list(CHECK_TEXTS))
-    ours, ref = _outputs(model, batches, "cpu"), _outputs(reference, batches, "cpu")
+    ours, ref = torch_outputs(model, batches, "cpu"), torch_outputs(reference, batches, "cpu")
     if cfg.head == "similarity":
         low = float(cosines(ref, ours).min())
         if low < IMPLEMENTATION_MIN_COSINE:
@@ -153,68 +143,58 @@ def _precision_check(cfg: Any, state: dict[str, Any], precision: str, quant: Qua
     base = Encoder(cfg)
     base.load_state_dict(state)
     base.eval()
-    fp32 = _outputs(base.to(device), batches, device)
+    fp32 = torch_outputs(base.to(device), batches, device)
 
-    def measure(excluded: tuple[str, ...]) -> tuple[dict[str, float], np.ndarray]:
+    def measure(excluded: tuple[str, ...]) -> dict[str, float]:
         model = Encoder(cfg)
         model.load_state_dict(state)
         model = model.to(device=device, dtype=dtype).eval()
         if precision in ("int8", "fp8"):
             names = [n for n in cfg.linear_names() if n not in excluded]
             quantize_linears(model, precision, names, out_dtype=dtype)
-        got = _outputs(model, batches, device)
+        got = torch_outputs(model, batches, device)
         if cfg.head != "similarity":
-            return {"max_abs_prob_diff": float(np.abs(fp32 - got).max())}, got
-        cos = cosines(fp32, got)
-        return {"mean_cosine": float(cos.mean()), "p1_cosine": float(np.percentile(cos, 1)),
-                "min_cosine": float(cos.min())}, cos
+            return {"max_abs_prob_diff": float(np.abs(fp32 - got).max())}
+        return cosine_report(fp32, got)
 
     where = {"checked_on": str(device) if device.type == "cuda"
              else "cpu (fp16 and int8/fp8 arithmetic emulated by PyTorch's CPU kernels)",
              "queries": len(texts), "query_file": source.name}
     say(f"measuring {precision} against FP32 on {len(texts)} real queries ({device})")
-    metrics, _ = measure(())
+    metrics = measure(())
     if precision == "fp16":
         ok = (metrics["min_cosine"] >= FP16_MIN_COSINE if "min_cosine" in metrics
               else metrics["max_abs_prob_diff"] <= FP16_MAX_PROB_DIFF)
         if not ok:
             raise BuildError(f"FP16 engine is not within {FP16_MIN_COSINE} cosine of FP32 on "
                              f"every query: {metrics}")
-        return {**where, **_rounded(metrics)}, {}
-    budget = {"mean_cosine": 1 - quant.max_drop, "p1_cosine": 1 - 4 * quant.max_drop}
+        return {**where, **rounded(metrics)}, {}
+    budget = cosine_budget(quant.max_drop)
     excluded: tuple[str, ...] = ()
-    if not _meets(metrics, budget):
-        say(f"{precision} misses the budget ({_rounded(metrics)}); ranking layers by "
+    if not meets(metrics, budget):
+        say(f"{precision} misses the budget ({rounded(metrics)}); ranking layers by "
             "sensitivity")
         ranked = _sensitivity(cfg, measure)
         for name in ranked[: quant.max_exclude]:
             excluded = (*excluded, name)
-            metrics, _ = measure(excluded)
-            if _meets(metrics, budget):
+            metrics = measure(excluded)
+            if meets(metrics, budget):
                 break
-        if not _meets(metrics, budget):
+        if not meets(metrics, budget):
             raise BuildError(f"no {precision} engine meets max_drop {quant.max_drop} with up "
                              f"to {quant.max_exclude} linears left in FP16 (best: "
-                             f"{_rounded(metrics)}); raise --max-drop or use fp16")
-    return ({**where, **_rounded(metrics), "budget": budget},
+                             f"{rounded(metrics)}); raise --max-drop or use fp16")
+    return ({**where, **rounded(metrics), "budget": budget},
             {"method": "per-channel weights, per-token dynamic activations",
              "excluded": list(excluded), "quantized": len(cfg.linear_names()) - len(excluded)})
 
 
-def _sensitivity(cfg: Any, measure: Callable[[tuple[str, ...]], tuple[dict[str, float],
-                                                                       np.ndarray]]) -> list[str]:
+def _sensitivity(cfg: Any, measure: Callable[[tuple[str, ...]], dict[str, float]]) -> list[str]:
     """Linears ordered by how much mean cosine each one alone costs when quantized."""
     names = cfg.linear_names()
     drops = {}
     for name in names:
         others = tuple(n for n in names if n != name)
-        drops[name] = 1 - measure(others)[0]["mean_cosine"]
+        drops[name] = 1 - measure(others)["mean_cosine"]
     return sorted(names, key=lambda n: -drops[n])
 
-
-def _meets(metrics: dict[str, float], budget: dict[str, float]) -> bool:
-    return all(metrics.get(k, 0.0) >= v for k, v in budget.items())
-
-
-def _rounded(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 6) for k, v in metrics.items()}

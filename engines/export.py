@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engines.errors import BuildError
 from engines.source import ModelSource
 
@@ -117,11 +115,3 @@ def optimize_onnx(source: ModelSource, in_path: Path, out_path: Path) -> dict[st
     stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     model.save_model_to_file(str(out_path))
     return stats
-
-
-def pytorch_outputs(module: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        out = module(*(torch.from_numpy(batch[name]) for name in INPUT_NAMES))
-    return out.numpy().astype(np.float32)

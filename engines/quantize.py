@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.accuracy import cosine_budget, cosine_report, cosines, meets, rounded
 from engines.batch import PaddedBatch, pad_sequences, plan_batches
 from engines.errors import BuildError
 from engines.onnx_runtime import ort_feed
@@ -55,8 +56,7 @@ class QuantSpec:
     @property
     def budget(self) -> dict[str, float]:
         """Mean cosine, 1st-percentile cosine and Spearman floors derived from max_drop."""
-        return {"mean_cosine": 1 - self.max_drop, "p1_cosine": 1 - 4 * self.max_drop,
-                "spearman": 1 - 2 * self.max_drop}
+        return {**cosine_budget(self.max_drop), "spearman": 1 - 2 * self.max_drop}
 
 
 @dataclass(slots=True)
@@ -69,12 +69,12 @@ class Candidate:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def meets(self, budget: dict[str, float]) -> bool:
-        return all(self.metrics.get(k, 0.0) >= v for k, v in budget.items())
+        return meets(self.metrics, budget)
 
     def summary(self) -> dict[str, object]:
         return {"name": self.name, "level": self.level, "method": self.method,
                 "excluded_nodes": list(self.excluded),
-                **{k: round(v, 6) for k, v in self.metrics.items()}}
+                **rounded(self.metrics)}
 
 
 def load_texts(path: Path) -> list[str]:
@@ -170,20 +170,15 @@ class Evaluator:
         total, count = 0.0, 0
         for rows, b in self.queries[:n_batches]:
             out = session.run(None, ort_feed(b, names))[0]
-            ref = self.fp32[0][rows]
-            total += float(np.sum(np.sum(out * ref, axis=1) / (
-                np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))))
+            total += float(np.sum(cosines(self.fp32[0][rows], out)))
             count += len(rows)
         return total / count
 
     def measure(self, path: Path) -> dict[str, float]:
         emb, q, d, rate = self.outputs(path)
         ref_emb, ref_q, ref_d, _ = self.fp32
-        cos = np.sum(emb * ref_emb, axis=1) / (
-            np.linalg.norm(emb, axis=1) * np.linalg.norm(ref_emb, axis=1))
         rho = spearman(np.sum(q * d, axis=1), np.sum(ref_q * ref_d, axis=1))
-        return {"mean_cosine": float(cos.mean()), "p1_cosine": float(np.percentile(cos, 1)),
-                "min_cosine": float(cos.min()), "spearman": float(rho),
+        return {**cosine_report(ref_emb, emb), "spearman": float(rho),
                 "items_per_s": float(rate), "speedup": float(rate / self.fp32_rate)}
 
 
