@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+# An FP16 engine (torch or TensorRT) must reach this cosine to FP32 on every checked item.
+FP16_MIN_COSINE = 0.999
+
 
 def torch_outputs(model: Any, batches: Sequence[tuple[np.ndarray, Any]],
                   device: Any) -> np.ndarray:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.accuracy import cosine_budget, cosine_report, meets, rounded, torch_outputs
+from engines.accuracy import (
+    FP16_MIN_COSINE,
+    cosine_budget,
+    cosine_report,
+    meets,
+    rounded,
+    torch_outputs,
+)
 from engines.buckets import BucketPlan
 from engines.build_common import Progress, build_dir, ensure_artifact, gpu_options
 from engines.errors import BuildError
@@ -28,7 +35,6 @@ from engines.tensorrt.build import CALIBRATION_CACHE, ONNX_FILE, PLAN_FILE, buil
 CONTEXTS = 2  # one optimisation profile per execution context: two lanes
 CALIBRATION_BATCH = 16
 CALIBRATION_BATCHES = 32
-FP16_MIN_COSINE = 0.999
 
 
 def ensure_tensorrt(source: ModelSource, root: Path, *, precision: str, quant: QuantSpec,

@@ -22,14 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from engines.accuracy import cosine_budget, cosine_report, cosines, meets, rounded, torch_outputs
+from engines.accuracy import (
+    FP16_MIN_COSINE,
+    cosine_budget,
+    cosine_report,
+    cosines,
+    meets,
+    rounded,
+    torch_outputs,
+)
 from engines.build_common import Progress, build_dir, ensure_artifact, gpu_options
 from engines.errors import BuildError
 from engines.manifest import Manifest, hash_files, list_files, write_manifest
 from engines.quantize import QuantSpec, encode_texts, split_texts
 from engines.source import ModelSource, default_sample_log
 
-FP16_MIN_COSINE = 0.999  # per item, against FP32
 FP16_MAX_PROB_DIFF = 1e-2  # classifier heads
 IMPLEMENTATION_MIN_COSINE = 0.9999
 CHECK_QUERIES = 600

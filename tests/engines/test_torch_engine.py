@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from engines.accuracy import cosines
 from engines.batch import PaddedBatch, pad_sequences
 from engines.buckets import BucketPlan, pad_to_bucket
 from engines.build import ensure_engine
@@ -28,10 +29,6 @@ from engines.torch_runtime import TorchEngine, TorchOptions, memory_estimate
 from tests.engines.test_onnx_engine import _embed, _sample_texts
 
 pytestmark = pytest.mark.slow
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +49,7 @@ def test_fp16_engine_matches_fp32_on_every_item(torch_artifacts: dict[str, Path]
     engine = TorchEngine(torch_artifacts["fp16"], options=TorchOptions(device="cpu",
                                                                        dtype="fp16"))
     assert isinstance(engine, Engine) and engine.device == "cpu" and engine.lanes == 1
-    cos = _cos(_embed(engine, default_tokenizer, texts), reference)
+    cos = cosines(_embed(engine, default_tokenizer, texts), reference)
     assert cos.min() >= 0.999, f"worst item {cos.min():.6f}"
     accuracy = engine.manifest.accuracy
     assert accuracy["implementation_min_cosine"] >= 0.9999
@@ -65,7 +62,7 @@ def test_quantized_engines_within_budget(precision: str, torch_artifacts: dict[s
                                          reference: np.ndarray) -> None:
     engine = TorchEngine(torch_artifacts[precision], options=TorchOptions(device="cpu",
                                                                           dtype="fp16"))
-    cos = _cos(_embed(engine, default_tokenizer, texts), reference)
+    cos = cosines(_embed(engine, default_tokenizer, texts), reference)
     assert cos.mean() >= 0.995 and np.percentile(cos, 1) >= 0.98, (cos.mean(), cos.min())
     assert cos.mean() < 0.99999  # it really is quantized: not the FP16 path under a new name
     manifest = engine.manifest

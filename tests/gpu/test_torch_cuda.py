@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from engines.accuracy import cosines
 from engines.batch import PaddedBatch, pad_sequences
 from engines.memory import InsufficientMemory
 from engines.protocol import Engine
@@ -35,10 +36,6 @@ SHAPES = ((1, 5), (3, 17), (10, 40), (16, 64), (24, 100), (64, 128), (10, 256), 
 
 def fp8_capable() -> bool:
     return torch.cuda.get_device_capability(0) >= (8, 9)
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +145,7 @@ def test_fp16_engine_matches_onnx_fp32_on_every_item(
         assert isinstance(engine, Engine)
         assert engine.device == CUDA and engine.lanes == 2 and engine.graphs
         engine.health()
-        cos = _cos(_embed(engine, gpu_tokenizer, texts), reference)
+        cos = cosines(_embed(engine, gpu_tokenizer, texts), reference)
         assert cos.min() >= 0.999, f"worst item {cos.min():.6f}"
         assert engine.manifest.accuracy["checked_on"].startswith("cuda")
     finally:
@@ -163,7 +160,7 @@ def test_quantized_engines_within_budget_on_the_gpu(
         pytest.skip("FP8 needs compute capability 8.9 or newer")
     engine = _engine(gpu_artifact(precision), lanes=2)
     try:
-        cos = _cos(_embed(engine, gpu_tokenizer, texts), reference)
+        cos = cosines(_embed(engine, gpu_tokenizer, texts), reference)
         assert cos.mean() >= 0.995 and np.percentile(cos, 1) >= 0.98, (cos.mean(), cos.min())
         assert cos.mean() < 0.99999  # really quantized, not the FP16 path under a new name
     finally:
