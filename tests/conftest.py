@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from qscore.local.servers import EMBEDDED_BROKER_CONSUMER_OPTIONS, EmbeddedBroker, RedisServer
+from plumbing.kafka import FAST_GROUP_TIMINGS
+from qscore.local.servers import EmbeddedBroker, RedisServer
 
 # Engine fixtures build real engines lazily, once per session, only for tests that use them.
 pytest_plugins = ["tests.engine_fixtures"]
@@ -52,7 +53,10 @@ def kafka_bootstrap() -> Iterator[str]:
 def kafka_consumer_options(kafka_bootstrap: str) -> dict[str, Any]:
     """Extra AIOKafkaConsumer kwargs for group consumers: on tansu a 1 s session makes group
     joins take ~1 s instead of 5-20 s; Apache Kafka would reject it, so nothing there."""
-    return {} if _external_kafka() else dict(EMBEDDED_BROKER_CONSUMER_OPTIONS)
+    if _external_kafka():
+        return {}
+    # Only the group timings: these consumers keep aiokafka's own fetch wait.
+    return {k: FAST_GROUP_TIMINGS[k] for k in ("session_timeout_ms", "heartbeat_interval_ms")}
 
 
 @pytest.fixture(scope="session")

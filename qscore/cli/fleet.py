@@ -38,8 +38,8 @@ def up(
 ) -> None:
     """Run a whole local fleet: broker (embedded unless --bootstrap-servers), redis-server (if
     installed), tokenizer and scoring workers. Ctrl-C stops it all, draining first."""
-    from qscore.engine import find_artifact
-    from qscore.fleet import FleetSpec, LocalFleet
+    from engines.select import find_artifact
+    from qscore.local.fleet import FleetSpec, LocalFleet
 
     configure_logging("warning")
     with err.status("preparing the engine"):

@@ -7,89 +7,46 @@ started as `python -m qscore <service> ...` with its log in a file.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
+from qscore.local.process import ChildProcess
 from qscore.local.servers import EmbeddedBroker, RedisServer
 
 
-@dataclass
-class ServiceProcess:
+class ServiceProcess(ChildProcess):
     """One `python -m qscore <args>` child with its output in `log_path`."""
 
-    name: str
-    args: Sequence[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    _proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
+    def __init__(self, name: str, args: Sequence[str], log_path: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        super().__init__(log_path)
+        self.name = name
+        self.args = list(args)
+        self.env = dict(env or {})
 
-    def start(self) -> ServiceProcess:
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "qscore", *self.args], stdout=self._log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            # Own session: a terminal's Ctrl-C reaches only `qscore up`, which then stops
-            # services before the broker and cache they drain into.
-            start_new_session=True,
-            env={**os.environ, "QSCORE_LOG_LEVEL": "info", **self.env})
+    def start(self) -> Self:
+        self.spawn([sys.executable, "-m", "qscore", *self.args],
+                   env={"QSCORE_LOG_LEVEL": "info", **self.env})
         return self
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        return self._proc.poll() if self._proc else None
-
-    def wait(self, timeout: float | None = None) -> int:
-        assert self._proc is not None, "not started"
-        return self._proc.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the service drains and commits), then SIGKILL after `timeout`."""
-        if self._proc is None:
-            return None
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._close_log()
-        return self._proc.returncode
+        return super().stop(timeout)
 
-    def kill(self) -> None:
-        """SIGKILL: no drain, no commit (crash testing)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._close_log()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def __repr__(self) -> str:
+        return f"ServiceProcess(name={self.name!r}, pid={self.pid}, log_path={self.log_path})"
 
 
 @dataclass
 class FleetSpec:
+    """What `LocalFleet` starts: how many services, and which broker and cache they use."""
+
     artifact: Path
     tokenizers: int = 1
     workers: int = 1
@@ -104,6 +61,9 @@ class FleetSpec:
 
 
 class LocalFleet:
+    """Broker (embedded unless given), redis-server (if wanted and installed), tokenizer and
+    worker processes; `stop()` ends the services first, so they drain into a live broker."""
+
     def __init__(self, spec: FleetSpec) -> None:
         self.spec = spec
         self.workdir = spec.workdir or Path(tempfile.mkdtemp(prefix="qscore-fleet-"))

