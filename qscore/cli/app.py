@@ -10,7 +10,7 @@ import typer
 from qscore.cli.client import consume, publish, topics_app
 from qscore.cli.engine import engine_app
 from qscore.cli.fleet import up
-from qscore.cli.options import kafka_command
+from qscore.cli.options import kafka_command, service_command
 from qscore.cli.rescore import rescore
 from qscore.cli.services import tokenizer, worker
 
@@ -31,6 +31,6 @@ app.command()(version)
 app.command("publish")(kafka_command(publish))
 app.command("consume")(kafka_command(consume))
 app.add_typer(topics_app, name="topics")
-app.command()(kafka_command(worker))
-app.command()(kafka_command(tokenizer))
+app.command()(kafka_command(service_command(worker)))
+app.command()(kafka_command(service_command(tokenizer)))
 app.command()(up)

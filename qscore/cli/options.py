@@ -30,6 +30,7 @@ import os
 import re
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -275,27 +276,40 @@ def kafka_command(func: Callable[..., R]) -> Callable[..., R]:
     `topics: Topics`: typer sees every Kafka flag above instead (after the command's own
     options, in a "Kafka" help panel), and the command gets the objects built from them.
     Put it under `@app.command()`. Bad combinations end the command with BadParameter."""
+    def build(values: dict[str, Any]) -> dict[str, Any]:
+        topics = topics_from(values.pop("topic_prefix"))
+        return {"kafka": kafka_settings_from(**values), "topics": topics}
+
+    return _with_flags(func, ("kafka", "topics"), (), _KAFKA_OPTIONS, build)
+
+
+def _with_flags(func: Callable[..., R], replaced: tuple[str, ...],
+                leading: tuple[tuple[str, Any, Any], ...],
+                trailing: tuple[tuple[str, Any, Any], ...],
+                build: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., R]:
+    """`func` with its `replaced` parameters turned into the flags of `leading` (before its
+    own options) and `trailing` (after them); `build` makes the replaced values from the
+    flags' values when the command runs."""
     signature = inspect.signature(func)
     hints = typing.get_type_hints(func, include_extras=True)  # typer needs real annotations
-    own = [p.replace(annotation=hints.get(p.name, p.annotation))
-           for p in signature.parameters.values() if p.name not in ("kafka", "topics")]
-    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                               annotation=annotation)
-             for name, annotation, default in _KAFKA_OPTIONS]
+    own = [p.replace(annotation=hints.get(p.name, p.annotation),
+                     kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in signature.parameters.values() if p.name not in replaced]
+    names = [name for name, _, _ in (*leading, *trailing)]
+
+    def flags(table: tuple[tuple[str, Any, Any], ...]) -> list[inspect.Parameter]:
+        return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                  annotation=annotation) for name, annotation, default in table]
 
     @functools.wraps(func)
     def command(**kwargs: Any) -> R:
-        options = {name: kwargs.pop(name) for name, _, _ in _KAFKA_OPTIONS}
-        topics = topics_from(options.pop("topic_prefix"))
-        kafka = kafka_settings_from(**options)
-        if "kafka" in signature.parameters:
-            kwargs["kafka"] = kafka
-        if "topics" in signature.parameters:
-            kwargs["topics"] = topics
+        built = build({name: kwargs.pop(name) for name in names})
+        kwargs.update({k: v for k, v in built.items() if k in signature.parameters})
         return func(**kwargs)
 
     command.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*own, *flags], return_annotation=hints.get("return", None))
+        parameters=[*flags(leading), *own, *flags(trailing)],
+        return_annotation=hints.get("return", None))
     return command
 
 
@@ -363,3 +377,45 @@ def device_list(text: str | None) -> tuple[str, ...]:
         return ()
     return tuple(f"cuda:{d}" if d.isdigit() else d
                  for d in (part.strip() for part in text.split(",")) if d)
+
+
+# -- what both fleet services (worker, tokenizer) take besides Kafka --------------------------
+
+@dataclass(frozen=True, slots=True)
+class ServiceOptions:
+    """The flags both services share: where their engine is, the result cache, burst mode,
+    metrics and logging."""
+
+    model: str
+    engine_dir: Path
+    artifact: Path | None
+    cache: CacheSettings
+    idle_exit: float | None
+    metrics_port: int | None
+    log_level: str
+
+
+_SERVICE_ENGINE = (
+    ("artifact", EngineArtifact, None),
+    ("model", EngineModel, "default"),
+    ("engine_dir", EngineDir, DEFAULT_ENGINE_DIR),
+)
+_SERVICE_REST = (
+    ("idle_exit", IdleExit, None),
+    ("redis_url", RedisUrl, None),
+    ("redis_ca_certs", RedisCaCerts, None),
+    ("cache_ttl", CacheTtl, DEFAULT_CACHE_TTL_S),
+    ("metrics_port", MetricsPort, None),
+    ("log_level", LogLevel, "info"),
+)
+
+
+def service_command(func: Callable[..., R]) -> Callable[..., R]:
+    """Like kafka_command, for a parameter `service: ServiceOptions`: typer sees the engine
+    flags (first) and the cache, burst-mode, metrics and log flags (last) instead."""
+    def build(values: dict[str, Any]) -> dict[str, Any]:
+        cache = cache_settings_from(values.pop("redis_url"), values.pop("redis_ca_certs"),
+                                    values.pop("cache_ttl"))
+        return {"service": ServiceOptions(cache=cache, **values)}
+
+    return _with_flags(func, ("service",), _SERVICE_ENGINE, _SERVICE_REST, build)

@@ -1,6 +1,7 @@
 """`qscore worker` (a scoring worker) and `qscore tokenizer` (a tokenizer service): the two
-services of a fleet. Both take the same engine, cache and metrics flags, and run through one
-`serve()`: signals drain, metrics are served, the service runs until stopped or idle."""
+services of a fleet. Both take the same engine, cache and metrics flags (options.service_command)
+and run through one `serve()`: signals drain, metrics are served, the service runs until stopped
+or idle."""
 
 from __future__ import annotations
 
@@ -14,24 +15,13 @@ from engines.errors import EngineError
 from plumbing.kafka import KafkaSettings, Topics
 from plumbing.logs import configure_logging
 from qscore.cli.options import (
-    DEFAULT_CACHE_TTL_S,
-    DEFAULT_ENGINE_DIR,
     Backend,
-    CacheTtl,
     Devices,
-    EngineArtifact,
-    EngineDir,
-    EngineModel,
     Graphs,
-    IdleExit,
-    LogLevel,
-    MetricsPort,
     NoSpin,
     Precision,
-    RedisCaCerts,
-    RedisUrl,
+    ServiceOptions,
     Streams,
-    cache_settings_from,
     device_list,
     engine_settings,
 )
@@ -49,8 +39,8 @@ class Service(Protocol):
     def metrics(self) -> dict[str, Callable[[], object]]: ...
 
 
-def serve(make: Callable[[], Service], *, metrics_prefix: str, idle_exit: float | None,
-          metrics_port: int | None, summary: Callable[[Service], str]) -> None:
+def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefix: str,
+          summary: Callable[[Service], str]) -> None:
     """Run one service to the end on a fresh event loop: the first SIGTERM/SIGINT drains and
     commits, a second exits at once; `summary` is printed after it stopped."""
     from plumbing.aio import run, stop_on_signals
@@ -59,11 +49,11 @@ def serve(make: Callable[[], Service], *, metrics_prefix: str, idle_exit: float 
     async def main() -> None:
         service = make()  # inside the loop: aiokafka clients bind to it
         stop_on_signals(service.request_stop)
-        if metrics_port is not None:
-            serve_metrics(metrics_port, metrics_prefix, service.metrics())
+        if options.metrics_port is not None:
+            serve_metrics(options.metrics_port, metrics_prefix, service.metrics())
         await service.start()
         try:
-            await service.run(idle_exit_s=idle_exit)
+            await service.run(idle_exit_s=options.idle_exit)
         finally:
             await service.stop()
             err.print(summary(service), soft_wrap=True, highlight=False)
@@ -77,9 +67,7 @@ _B = BatcherSettings()
 def worker(
     kafka: KafkaSettings,
     topics: Topics,
-    artifact: EngineArtifact = None,
-    model: EngineModel = "default",
-    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+    service: ServiceOptions,
     engines: Annotated[int, typer.Option(envvar="QSCORE_ENGINES", min=1, help=(
         "onnxruntime: engine instances (sessions); with 2+ the next batch is formed while "
         "one runs. torch: ignored, one engine per --devices entry with --streams lanes."))]
@@ -103,24 +91,17 @@ def worker(
     = _B.capacity,
     group_id: Annotated[str, typer.Option(envvar="QSCORE_WORKER_GROUP", help=(
         "Consumer group (the offline topic uses GROUP.offline)."))] = "qscore-worker",
-    idle_exit: IdleExit = None,
-    redis_url: RedisUrl = None,
-    redis_ca_certs: RedisCaCerts = None,
-    cache_ttl: CacheTtl = DEFAULT_CACHE_TTL_S,
-    metrics_port: MetricsPort = None,
-    log_level: LogLevel = "info",
 ) -> None:
     """Run a scoring worker: token batches in, scores out (SIGTERM drains and commits)."""
     from engines.manifest import read_manifest
     from engines.select import find_artifact, load_for, serving_devices
     from workers.service import ScoringWorker, WorkerSettings
 
-    configure_logging(log_level)
-    settings_ = engine_settings(model, engine_dir, artifact, None, None, threads,
-                                precision=precision, backend=backend,
+    configure_logging(service.log_level)
+    settings_ = engine_settings(service.model, service.engine_dir, service.artifact, None, None,
+                                threads, precision=precision, backend=backend,
                                 devices=device_list(devices), lanes=streams, graphs=graphs,
                                 spin=not no_spin)
-    cache = cache_settings_from(redis_url, redis_ca_certs, cache_ttl)
     try:
         path = find_artifact(settings_)
         manifest = read_manifest(path)
@@ -135,7 +116,7 @@ def worker(
     err.print(f"engine {path.name}: {manifest.backend} {manifest.precision}, "
               + ", ".join(f"{e.device} x{e.lanes} lanes" for e in loaded), soft_wrap=True)
     settings = WorkerSettings(
-        kafka=kafka, topics=topics, group_id=group_id, cache=cache,
+        kafka=kafka, topics=topics, group_id=group_id, cache=service.cache,
         batcher=BatcherSettings(max_batch=max_batch, token_budget=token_budget,
                                 max_wait_ms=max_wait_ms, capacity=queue_capacity))
 
@@ -146,17 +127,14 @@ def worker(
                 f"calls (mean batch {s.mean_batch_size:.1f}), {s.cache_writes} cache writes, "
                 f"{dead} dead letters")
 
-    serve(lambda: ScoringWorker(settings, loaded), metrics_prefix="qscore_worker",
-          idle_exit=idle_exit, metrics_port=metrics_port,
+    serve(lambda: ScoringWorker(settings, loaded), service, metrics_prefix="qscore_worker",
           summary=summary)  # type: ignore[arg-type]
 
 
 def tokenizer(
     kafka: KafkaSettings,
     topics: Topics,
-    artifact: EngineArtifact = None,
-    model: EngineModel = "default",
-    engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
+    service: ServiceOptions,
     processes: Annotated[int, typer.Option(envvar="QSCORE_TOKENIZER_PROCESSES", min=1, help=(
         "Tokenizer processes (decode, cache keys, tokenize, pack). About one per core."))] = 2,
     group_id: Annotated[str, typer.Option(envvar="QSCORE_TOKENIZER_GROUP", help=(
@@ -167,12 +145,6 @@ def tokenizer(
     tokenize_chunk: Annotated[int, typer.Option(envvar="QSCORE_TOKENIZE_CHUNK", min=1, help=(
         "Items per tokenizer call: a large batch is cut into chunks tokenized in "
         "parallel."))] = 256,
-    idle_exit: IdleExit = None,
-    redis_url: RedisUrl = None,
-    redis_ca_certs: RedisCaCerts = None,
-    cache_ttl: CacheTtl = DEFAULT_CACHE_TTL_S,
-    metrics_port: MetricsPort = None,
-    log_level: LogLevel = "info",
 ) -> None:
     """Run a tokenizer service: query batches in; cached scores, or token batches for the
     scoring workers, out. SIGTERM or Ctrl-C drains in-flight work and commits; a second one
@@ -184,22 +156,21 @@ def tokenizer(
         TokenizerServiceSettings,
     )
 
-    configure_logging(log_level)
-    cache = cache_settings_from(redis_url, redis_ca_certs, cache_ttl)
+    configure_logging(service.log_level)
 
-    def summary(service: TokenizerService) -> str:
-        s = service.stats
+    def summary(tokenizer: TokenizerService) -> str:
+        s = tokenizer.stats
         return (f"tokenizer done: {s.batches} batches, {s.items} items ({s.cached_items} from "
                 f"the cache), {s.token_batches} token batches, {s.dead_letters} dead letters")
 
     try:
-        path = find_artifact(engine_settings(model, engine_dir, artifact, None, None, None))
+        path = find_artifact(engine_settings(service.model, service.engine_dir,
+                                             service.artifact, None, None, None))
         settings = TokenizerServiceSettings(
-            kafka=kafka, topics=topics, artifact=path, cache=cache,
+            kafka=kafka, topics=topics, artifact=path, cache=service.cache,
             processes=processes, group_id=group_id, max_in_flight=max_in_flight,
             tokenize_chunk=tokenize_chunk)
-        serve(lambda: TokenizerService(settings), metrics_prefix="qscore_tokenizer",
-              idle_exit=idle_exit, metrics_port=metrics_port,
+        serve(lambda: TokenizerService(settings), service, metrics_prefix="qscore_tokenizer",
               summary=summary)  # type: ignore[arg-type]
     except (EngineError, TokenizerServiceError, OSError) as exc:
         fail(exc)
