@@ -23,7 +23,14 @@ from .query import (
     decode_query_batch,
     encode_query_batch,
 )
-from .scores import ItemScore, ScoreBatch, Timings, decode_score_batch, encode_score_batch
+from .scores import (
+    ItemScore,
+    ScoreBatch,
+    Timings,
+    decode_score_batch,
+    encode_score_batch,
+    encode_scores_to_fit,
+)
 from .tokens import (
     TokenBatch,
     decode_token_batch,
@@ -55,6 +62,7 @@ __all__ = [
     "encode_dead_letter",
     "encode_query_batch",
     "encode_score_batch",
+    "encode_scores_to_fit",
     "encode_token_batch",
     "encoded_size",
     "max_original_bytes",

@@ -87,8 +87,8 @@ def check_version(obj: dict[str, Any]) -> None:
 
 def dump_message(obj: dict[str, Any], limits: Limits) -> bytes:
     data = orjson.dumps(obj)
-    if len(data) > limits.max_message_bytes:
-        raise SchemaError("$", "max_bytes", f"got {len(data)}", limit=limits.max_message_bytes)
+    if len(data) > limits.max_encoded_bytes:
+        raise SchemaError("$", "max_bytes", f"got {len(data)}", limit=limits.max_encoded_bytes)
     return data
 
 

@@ -37,7 +37,7 @@ def max_original_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
     characters); base64 turns 3 bytes into 4.
     """
     headroom = 6 * (limits.max_reason_chars + 3 * limits.max_id_chars) + 1024
-    return max(0, (limits.max_message_bytes - headroom) * 3 // 4)
+    return max(0, (limits.max_encoded_bytes - headroom) * 3 // 4)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# Kafka's message.max.bytes (1,048,588 by default) bounds the whole record batch: ~70 bytes of
+# batch and record overhead plus the key (a batch id: up to 1 KiB of UTF-8). Encoders stop this
+# far below max_message_bytes, so a message they produce is never refused by the broker; the
+# decoders still accept up to max_message_bytes from other producers.
+RECORD_HEADROOM_BYTES = 2048
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -22,6 +28,11 @@ class Limits:
     max_token_ids: int = 4_194_304  # token ids per TokenBatch
     max_reason_chars: int = 4096  # dead-letter reasons and per-item score errors
     max_embedding_dim: int = 8192  # floats per ItemScore.embedding
+
+    @property
+    def max_encoded_bytes(self) -> int:
+        """The most bytes an encoder produces (see RECORD_HEADROOM_BYTES)."""
+        return self.max_message_bytes - min(RECORD_HEADROOM_BYTES, self.max_message_bytes // 16)
 
     def __post_init__(self) -> None:
         # Limits come from flags/env at the edge; fail there, not on the first message.

@@ -13,8 +13,10 @@ alone, and a similarity head gives no scores but the query's `embedding`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import orjson
 
 from . import _check as c
 from .errors import SchemaError
@@ -141,3 +143,33 @@ def encode_score_batch(batch: ScoreBatch, limits: Limits = DEFAULT_LIMITS) -> by
 def decode_score_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> ScoreBatch:
     """Size, then JSON/UTF-8, then version, then fields; raises only SchemaError."""
     return ScoreBatch.from_obj(c.load_message(data, limits), limits)
+
+
+def encode_scores_to_fit(scores: ScoreBatch, limits: Limits) -> list[bytes]:
+    """Encode `scores`, split by items into ScoreBatches (same batch_id) that each fit the
+    limits (200 query embeddings as JSON floats do not fit 1 MiB). Items are packed by their
+    own JSON size (orjson: cheap), so each item is validated and encoded once, as a rule."""
+    envelope = len(encode_score_batch(replace(scores, items=()), limits)) + 1  # + "]"
+    budget = limits.max_encoded_bytes - envelope
+    groups: list[list[ItemScore]] = [[]]
+    size = 0
+    for item in scores.items:
+        n = len(orjson.dumps(item.to_obj())) + 1  # + ","
+        if groups[-1] and size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    return [m for g in groups for m in _encode_halving(replace(scores, items=tuple(g)), limits)]
+
+
+def _encode_halving(scores: ScoreBatch, limits: Limits) -> list[bytes]:
+    # The estimate is exact today; halving keeps a future format change from failing batches.
+    try:
+        return [encode_score_batch(scores, limits)]
+    except SchemaError as exc:
+        if exc.rule != "max_bytes" or len(scores.items) < 2:
+            raise
+    mid = len(scores.items) // 2
+    return (_encode_halving(replace(scores, items=scores.items[:mid]), limits)
+            + _encode_halving(replace(scores, items=scores.items[mid:]), limits))

@@ -332,8 +332,8 @@ def encoded_size(tb: TokenBatch, limits: Limits = DEFAULT_LIMITS) -> int:
 def encode_token_batch(tb: TokenBatch, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """Validate with the decoder's rules, then pack; never emits what decode rejects."""
     data = b"".join(_encode_parts(tb, limits))
-    if len(data) > limits.max_message_bytes:
-        raise SchemaError("$", "max_bytes", f"got {len(data)}", limit=limits.max_message_bytes)
+    if len(data) > limits.max_encoded_bytes:
+        raise SchemaError("$", "max_bytes", f"got {len(data)}", limit=limits.max_encoded_bytes)
     return data
 
 

@@ -21,11 +21,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-import orjson
 import structlog
 from aiokafka import ConsumerRecord
 
@@ -44,7 +43,7 @@ from schemas import (
     SchemaError,
     ScoreBatch,
     Timings,
-    encode_score_batch,
+    encode_scores_to_fit,
 )
 from tokenizer_svc.pool import Prepared, Tokenized, TokenizerPool, TokenizerSpec
 from tokenizer_svc.units import ItemKeys, cached_item
@@ -272,36 +271,6 @@ def _split_hits(prepared: Prepared, lookups: list[tuple[bytes, ...]],
         else:
             hits.append(score)
     return hits, misses
-
-
-def encode_scores_to_fit(scores: ScoreBatch, limits: Limits) -> list[bytes]:
-    """Encode `scores`, split by items into ScoreBatches (same batch_id) that each fit
-    max_message_bytes (1024 cached embeddings do not fit one). Items are packed by their own
-    JSON size (orjson: cheap), so each item is validated and encoded once, as a rule."""
-    envelope = len(encode_score_batch(replace(scores, items=()), limits)) + 1  # + "]"
-    budget = limits.max_message_bytes - envelope
-    groups: list[list[ItemScore]] = [[]]
-    size = 0
-    for item in scores.items:
-        n = len(orjson.dumps(item.to_obj())) + 1  # + ","
-        if groups[-1] and size + n > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += n
-    return [m for g in groups for m in _encode_halving(replace(scores, items=tuple(g)), limits)]
-
-
-def _encode_halving(scores: ScoreBatch, limits: Limits) -> list[bytes]:
-    # The estimate is exact today; halving keeps a future format change from failing batches.
-    try:
-        return [encode_score_batch(scores, limits)]
-    except SchemaError as exc:
-        if exc.rule != "max_bytes" or len(scores.items) < 2:
-            raise
-    mid = len(scores.items) // 2
-    return (_encode_halving(replace(scores, items=scores.items[:mid]), limits)
-            + _encode_halving(replace(scores, items=scores.items[mid:]), limits))
 
 
 def _public(stats: TokenizerStats) -> dict[str, float]:

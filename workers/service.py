@@ -32,7 +32,7 @@ from schemas import (
     Timings,
     TokenBatch,
     decode_token_batch,
-    encode_score_batch,
+    encode_scores_to_fit,
 )
 from workers.assemble import item_scores
 from workers.microbatcher import BatcherSettings, MicroBatch, MicroBatcher, Priority
@@ -195,12 +195,15 @@ class ScoringWorker:
         # pipelined round trip). Never fails: the cache bypasses a Redis outage.
         await self._write_cache(tb, outputs, items)
         pipeline = self.online if priority == "online" else self.offline
-        await pipeline.publish(
-            tb.reply_topic or self.settings.topics.scores,
-            encode_score_batch(batch, self.settings.limits), key=tb.batch_id.encode())
+        # Split to fit: 200 query embeddings as JSON floats outgrow one message, and the
+        # input was fine. Every part is acknowledged before the record counts as finished.
+        topic, key = tb.reply_topic or self.settings.topics.scores, tb.batch_id.encode()
+        acks = [await pipeline.send(topic, message, key=key)
+                for message in encode_scores_to_fit(batch, self.settings.limits)]
+        await asyncio.gather(*acks)
+        self.stats.score_batches += len(acks)
         self.stats.messages += 1
         self.stats.items += len(items)
-        self.stats.score_batches += 1
         log.debug("scored", batch_id=tb.batch_id, items=len(items),
                   wait_ms=round((time.time() - received) * 1000, 2))
 

@@ -144,3 +144,43 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
         assert sum(committed) == 7  # 5 token batches + 2 poison messages
     finally:
         await check.stop()
+
+
+async def test_a_token_batch_of_200_query_embeddings_is_scored_in_parts_not_dead_lettered(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path) -> None:
+    # 200 queries without docs: a ~5 KB TokenBatch whose ScoreBatch (200 embeddings as JSON
+    # floats) is ~1.6 MB, over the 1 MiB message limit. Good input: it must be scored.
+    topics = Topics.with_prefix(topic_name)
+    for name in topics.all():
+        await create_topic(name, partitions=1)
+    engine = load_engine(default_engine_path, threads=2)
+    items = [QueryItem(id=f"q{i}", query=f"query number {i} about red shoes")
+             for i in range(200)]
+    tb = tokenize(engine, items, "big")
+    producer = make_producer(kafka(kafka_bootstrap))
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.tokens, encode_token_batch(tb), key=b"big")
+        await producer.send_and_wait(topics.tokens, b"\x00 poison", key=b"poison")
+    finally:
+        await producer.stop()
+    settings = WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                              group_id=f"{topic_name}-w")
+    worker = ScoringWorker(settings, [engine])
+    await worker.start()
+    try:
+        await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
+    finally:
+        await worker.stop()
+
+    parts = [decode_score_batch(v) for v in await read_all(kafka_bootstrap, topics.scores, 2)]
+    assert len(parts) >= 2 and {p.batch_id for p in parts} == {"big"}
+    assert sorted(it.id for p in parts for it in p.items) == sorted(it.id for it in items)
+    assert all(it.embedding is not None and len(it.embedding) == 384
+               for p in parts for it in p.items)
+    assert worker.stats.score_batches == len(parts) and worker.stats.items == 200
+    # Only the poison record was dead-lettered (the one after it shows the topic was read).
+    letters = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
+                                                             topics.dead_letter, 1)]
+    assert [bytes(d.original) for d in letters] == [b"\x00 poison"]

@@ -15,14 +15,10 @@ from engines.source import default_model_path
 from engines.tokenizer import QueryTokenizer
 from plumbing.cache import encode_floats, key_digest
 from schemas import (
-    ItemScore,
     Limits,
     QueryBatch,
     QueryItem,
     SchemaError,
-    ScoreBatch,
-    Timings,
-    decode_score_batch,
     decode_token_batch,
     encode_query_batch,
 )
@@ -35,7 +31,6 @@ from tokenizer_svc.pool import (
     slice_items,
     tokenize_items,
 )
-from tokenizer_svc.service import encode_scores_to_fit
 from tokenizer_svc.units import cached_item, item_keys, sequence_keys
 
 TOKENIZER = default_model_path() / "tokenizer.json"
@@ -158,20 +153,6 @@ def test_an_item_too_big_for_any_message_is_refused() -> None:
     with pytest.raises(TokenizeError, match="'huge' alone"):
         tokenize_items(_tokenizer(False), Limits(max_message_bytes=2000), "x", [item],
                        [item_keys(item, V)], submitted_at=1.0)
-
-
-def test_cached_score_batches_split_to_fit() -> None:
-    items = tuple(ItemScore(id=f"q{i}", scores=(), cached=True, model_version=V,
-                            embedding=tuple(np.linspace(-1, 1, 384).tolist()))
-                  for i in range(30))
-    scores = ScoreBatch(batch_id="b", items=items, model_id="m", produced_at=1.0,
-                        timings=Timings(tokenize_ms=1.0))
-    limits = Limits(max_message_bytes=64_000)
-    messages = encode_scores_to_fit(scores, limits)
-    assert len(messages) > 1 and all(len(m) <= 64_000 for m in messages)
-    decoded = [decode_score_batch(m, limits) for m in messages]
-    assert [it for b in decoded for it in b.items] == list(items)
-    assert {b.batch_id for b in decoded} == {"b"}
 
 
 def test_prepare_batch_decodes_and_hashes() -> None:
