@@ -9,7 +9,9 @@ aiokafka notes that shape these defaults:
 
 from __future__ import annotations
 
+import fnmatch
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,6 +19,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+
+from schemas import SchemaError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -54,6 +58,28 @@ class Topics:
 
     def all(self) -> tuple[str, ...]:
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
+    def reply_patterns(self) -> tuple[str, ...]:
+        """Where a producer may ask for its scores by default: this fleet's score topic and
+        the topics under it (PREFIX.scores.*)."""
+        return (self.scores, f"{self.scores}.*")
+
+
+class ReplyTopicError(SchemaError):
+    """A batch asks for its scores on a topic outside the fleet's allow-list."""
+
+    def __init__(self, topic: str, patterns: Sequence[str]) -> None:
+        super().__init__("reply_topic", "forbidden_topic",
+                         f"{topic!r}: this fleet writes scores only to {', '.join(patterns)} "
+                         "(see --reply-topics)")
+
+
+def check_reply_topic(topic: str | None, patterns: Sequence[str]) -> None:
+    """Only the fleet chooses where it writes: a producer's reply_topic must match one of the
+    shell-style `patterns`, or the batch is refused (and dead-lettered by the caller), so no
+    producer can make a worker create topics or write into internal ones."""
+    if topic is not None and not any(fnmatch.fnmatchcase(topic, p) for p in patterns):
+        raise ReplyTopicError(topic, patterns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ Rule names are stable strings that dashboards and tests match on:
     range        number outside its allowed range (negative time, index out of bounds, ...)
     enum         value outside a fixed set (priority, stage)
     topic        not a legal Kafka topic name
+    forbidden_topic  a reply_topic outside the fleet's allow-list (checked by the services)
     monotone     token offsets that go backwards or do not span the ids
     max_length   token sequence longer than the batch's max_length
     base64       dead letter's original is not base64

@@ -32,7 +32,7 @@ from engines.errors import ArtifactError
 from engines.manifest import Manifest, read_manifest
 from engines.tokenizer import check_artifact_tokenizer
 from plumbing.cache import CacheSettings, ResultCache
-from plumbing.kafka import KafkaSettings, Topics
+from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics, check_reply_topic
 from plumbing.pipeline import PipelineSettings, RecordPipeline
 from schemas import (
     DEFAULT_LIMITS,
@@ -68,6 +68,8 @@ class TokenizerServiceSettings:
     # Items per tokenizer call: a big batch is cut into chunks that run in parallel processes
     # (and bound each call's memory); every chunk's TokenBatches share the batch_id.
     tokenize_chunk: int = 256
+    # Shell-style patterns a QueryBatch's reply_topic must match; (): topics.reply_patterns().
+    reply_topics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("processes", "max_in_flight", "tokenize_chunk"):
@@ -184,6 +186,12 @@ class TokenizerService:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return
         batch = prepared.batch
+        try:
+            check_reply_topic(batch.reply_topic,
+                              self.settings.reply_topics or self.settings.topics.reply_patterns())
+        except ReplyTopicError as exc:
+            await self.pipeline.dead_letter(record, exc, "ingest")
+            return
         offline = record.topic == self.settings.topics.queries_offline or (
             batch.priority == "offline")
         lookups = [k.lookup for k in prepared.keys]

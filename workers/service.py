@@ -22,7 +22,7 @@ from aiokafka import ConsumerRecord
 from engines.errors import EngineDead
 from engines.protocol import Engine
 from plumbing.cache import CacheSettings, ResultCache, encode_floats
-from plumbing.kafka import KafkaSettings, Topics
+from plumbing.kafka import KafkaSettings, Topics, check_reply_topic
 from plumbing.pipeline import PipelineSettings, RecordPipeline
 from schemas import (
     DEFAULT_LIMITS,
@@ -56,6 +56,8 @@ class WorkerSettings:
     max_in_flight_offline: int = 32
     # Where scores are written through for the tokenizer to find; None: no cache writes.
     cache: CacheSettings | None = None
+    # Shell-style patterns a TokenBatch's reply_topic must match; (): topics.reply_patterns().
+    reply_topics: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -179,6 +181,9 @@ class ScoringWorker:
         if tb.tokenizer_id != m.tokenizer_id:
             raise WorkerInputError(f"TokenBatch tokenizer {tb.tokenizer_id} differs from the "
                                    f"engine's {m.tokenizer_id} (model {m.model_id} {m.version})")
+        # The tokenizer checked it too; a TokenBatch may come from elsewhere.
+        check_reply_topic(tb.reply_topic,
+                          self.settings.reply_topics or self.settings.topics.reply_patterns())
         if tb.max_length > m.max_length:
             raise WorkerInputError(f"TokenBatch max_length {tb.max_length} exceeds the "
                                    f"engine's {m.max_length}")

@@ -390,6 +390,7 @@ class ServiceOptions:
     engine_dir: Path
     artifact: Path | None
     cache: CacheSettings
+    reply_topics: tuple[str, ...]  # (): the fleet's default allow-list
     idle_exit: float | None
     metrics_port: int | None
     log_level: str
@@ -400,7 +401,13 @@ _SERVICE_ENGINE = (
     ("model", EngineModel, "default"),
     ("engine_dir", EngineDir, DEFAULT_ENGINE_DIR),
 )
+ReplyTopics = Annotated[str | None, typer.Option(
+    "--reply-topics", envvar="QSCORE_REPLY_TOPICS", rich_help_panel=_KAFKA, help="Topics a "
+    "producer may name as a batch's reply_topic: comma-separated shell-style patterns "
+    "(default: PREFIX.scores and PREFIX.scores.*). A batch asking for any other topic is "
+    "dead-lettered with the reason.")]
 _SERVICE_REST = (
+    ("reply_topics", ReplyTopics, None),
     ("idle_exit", IdleExit, None),
     ("redis_url", RedisUrl, None),
     ("redis_ca_certs", RedisCaCerts, None),
@@ -416,6 +423,8 @@ def service_command(func: Callable[..., R]) -> Callable[..., R]:
     def build(values: dict[str, Any]) -> dict[str, Any]:
         cache = cache_settings_from(values.pop("redis_url"), values.pop("redis_ca_certs"),
                                     values.pop("cache_ttl"))
-        return {"service": ServiceOptions(cache=cache, **values)}
+        patterns = tuple(p.strip() for p in (values.pop("reply_topics") or "").split(",")
+                         if p.strip())
+        return {"service": ServiceOptions(cache=cache, reply_topics=patterns, **values)}
 
     return _with_flags(func, ("service",), _SERVICE_ENGINE, _SERVICE_REST, build)

@@ -117,6 +117,7 @@ def worker(
               + ", ".join(f"{e.device} x{e.lanes} lanes" for e in loaded), soft_wrap=True)
     settings = WorkerSettings(
         kafka=kafka, topics=topics, group_id=group_id, cache=service.cache,
+        reply_topics=service.reply_topics,
         batcher=BatcherSettings(max_batch=max_batch, token_budget=token_budget,
                                 max_wait_ms=max_wait_ms, capacity=queue_capacity))
 
@@ -168,6 +169,7 @@ def tokenizer(
                                              service.artifact, None, None, None))
         settings = TokenizerServiceSettings(
             kafka=kafka, topics=topics, artifact=path, cache=service.cache,
+            reply_topics=service.reply_topics,
             processes=processes, group_id=group_id, max_in_flight=max_in_flight,
             tokenize_chunk=tokenize_chunk)
         serve(lambda: TokenizerService(settings), service, metrics_prefix="qscore_tokenizer",

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -17,6 +18,7 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from engines.manifest import Manifest, read_manifest
 from engines.select import artifact_tokenizer
@@ -134,7 +136,7 @@ async def test_query_batches_become_token_batches_online_and_offline(
         kafka: KafkaSettings, topics: Topics, default_engine_path: Path,
         manifest: Manifest) -> None:
     now = time.time()
-    online = QueryBatch("on-1", ITEMS, submitted_at=now, reply_topic="my.scores")
+    online = QueryBatch("on-1", ITEMS, submitted_at=now, reply_topic=f"{topics.scores}.mine")
     by_priority = QueryBatch("off-1", ITEMS[:1], submitted_at=now, priority="offline")
     by_topic = QueryBatch("off-2", ITEMS[1:], submitted_at=now)
     await _publish(kafka, [(topics.queries, encode_query_batch(online)),
@@ -243,6 +245,35 @@ async def test_poison_messages_are_dead_lettered_and_committed_past(
         assert letter.original_truncated == (rule == "max_bytes")
     (record,) = await _read(kafka, topics.tokens, 1)
     assert decode_token_batch(record.value, limits).batch_id == "good"
+
+
+async def test_a_foreign_reply_topic_is_dead_lettered_and_never_created(
+        kafka: KafkaSettings, topics: Topics, default_engine_path: Path) -> None:
+    now = time.time()
+    foreign = [f"no-such-topic-{uuid.uuid4().hex[:8]}", "__consumer_offsets", topics.tokens]
+    batches = [QueryBatch(f"bad-{i}", ITEMS, submitted_at=now, reply_topic=t)
+               for i, t in enumerate(foreign)]
+    allowed = QueryBatch("ok", ITEMS, submitted_at=now, reply_topic=f"{topics.scores}.team-a")
+    await _publish(kafka, [(topics.queries, encode_query_batch(b)) for b in batches]
+                   + [(topics.queries, encode_query_batch(allowed))])
+
+    async with _burst(_settings(kafka, topics, default_engine_path,
+                                cache=CacheSettings())) as service:
+        assert service.stats.dead_letters == len(foreign)
+
+    letters = [decode_dead_letter(r.value) for r in await _read(kafka, topics.dead_letter,
+                                                                 len(foreign))]
+    assert sorted(d.error_rule for d in letters) == ["forbidden_topic"] * len(foreign)
+    assert all(d.stage == "ingest" for d in letters)
+    assert sorted(d.original for d in letters) == sorted(encode_query_batch(b) for b in batches)
+    (record,) = await _read(kafka, topics.tokens, 1)
+    assert decode_token_batch(record.value).reply_topic == f"{topics.scores}.team-a"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        assert foreign[0] not in await admin.list_topics()
+    finally:
+        await admin.close()
 
 
 async def test_command_serves_until_sigterm_then_drains_and_commits(

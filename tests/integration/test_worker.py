@@ -184,3 +184,39 @@ async def test_a_token_batch_of_200_query_embeddings_is_scored_in_parts_not_dead
     letters = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
                                                              topics.dead_letter, 1)]
     assert [bytes(d.original) for d in letters] == [b"\x00 poison"]
+
+
+async def test_a_token_batch_with_a_foreign_reply_topic_is_dead_lettered_not_sent(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path) -> None:
+    # TokenBatches normally come from the tokenizer, which checks reply topics; one produced
+    # by anyone else must not make the worker write (or auto-create) where it says.
+    topics = Topics.with_prefix(topic_name)
+    for name in topics.all():
+        await create_topic(name, partitions=1)
+    engine = load_engine(default_engine_path, threads=2)
+    foreign = replace(tokenize(engine, ITEMS, "foreign"), reply_topic="__consumer_offsets")
+    fine = replace(tokenize(engine, ITEMS, "fine"), reply_topic=f"{topics.scores}.team-a")
+    await create_topic(f"{topics.scores}.team-a", partitions=1)
+    producer = make_producer(kafka(kafka_bootstrap))
+    await producer.start()
+    try:
+        for tb in (foreign, fine):
+            await producer.send_and_wait(topics.tokens, encode_token_batch(tb),
+                                         key=tb.batch_id.encode())
+    finally:
+        await producer.stop()
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                                          group_id=f"{topic_name}-w"), [engine])
+    await worker.start()
+    try:
+        await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
+    finally:
+        await worker.stop()
+
+    (letter,) = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
+                                                              topics.dead_letter, 1)]
+    assert letter.stage == "score" and letter.error_rule == "forbidden_topic"
+    (scores,) = [decode_score_batch(v) for v in await read_all(
+        kafka_bootstrap, f"{topics.scores}.team-a", 1)]
+    assert scores.batch_id == "fine" and worker.stats.messages == 1
