@@ -48,6 +48,7 @@ class PipelineStats:
     commits: int = 0
     pauses: int = 0
     rebalances: int = 0
+    stale_dropped: int = 0  # fetched before a revoke, never started: redelivered instead
 
 
 class PipelineError(RuntimeError):
@@ -87,6 +88,9 @@ class RecordPipeline:
         self.failure: Exception | None = None  # set when a record could not even dead-letter
         self._paused = False
         self._started = False
+        # Bumped by every revoke: records fetched before it belong to an assignment that was
+        # committed and forgotten, so they must not start after it.
+        self._generation = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,10 +153,20 @@ class RecordPipeline:
     async def _fetch_once(self, handler: Handler) -> None:
         batches = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
                                               max_records=self.settings.fetch_max_records)
+        generation, total, started = self._generation, sum(map(len, batches.values())), 0
         for tp, records in batches.items():
             for record in records:
                 self._last_record = time.monotonic()
                 await self._acquire_slot()
+                if self._generation != generation:
+                    # A rebalance ran while this waited for a slot: the partitions were
+                    # committed and forgotten, and whoever owns them now (maybe us again)
+                    # fetches these records anew from the committed offset. Starting them
+                    # here would let commits pass offsets that are still running.
+                    self._slots.release()
+                    self.stats.stale_dropped += total - started
+                    return
+                started += 1
                 self.stats.records += 1
                 self.tracker.start(tp, record.offset)
                 self._idle.clear()
@@ -261,6 +275,7 @@ class RecordPipeline:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._in_group = False
+        self._generation += 1
         self.stats.rebalances += 1
         # Let work already running for these partitions finish, so its offsets can be
         # committed now; whatever is still running after the grace period is abandoned to
