@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,14 @@ class PipelineSettings:
     revoke_grace_s: float = 5.0  # how long a revoked partition's in-flight work may finish
     poll_timeout_ms: int = 100
     fetch_max_records: int = 500
+    # While every slot is busy, fetching is paused but the consumer still polls this often,
+    # so it never exceeds max_poll_interval_ms and leaves its group.
+    paused_poll_s: float = 1.0
+    # Every wait at shutdown is bounded: a broker that is down must not turn a stop into a
+    # hang. Work still running after drain_timeout_s is abandoned (never committed past).
+    drain_timeout_s: float = 30.0
+    commit_timeout_s: float = 10.0
+    close_timeout_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -91,6 +100,9 @@ class RecordPipeline:
         # Bumped by every revoke: records fetched before it belong to an assignment that was
         # committed and forgotten, so they must not start after it.
         self._generation = 0
+        # Fetched records waiting for a slot, tagged with the generation they were fetched in.
+        self._backlog: deque[tuple[int, TopicPartition, ConsumerRecord]] = deque()
+        self._slot_freed = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,12 +124,20 @@ class RecordPipeline:
             return
         self._started = False
         try:
-            await self._drain()
+            await self._drain(grace_s=self.settings.drain_timeout_s, abandon=True)
             await self._commit()
         finally:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
-            await self.producer.stop()
+            for client in (self.consumer, self.producer):
+                try:
+                    await asyncio.wait_for(client.stop(), self.settings.close_timeout_s)
+                except (Exception, asyncio.CancelledError) as exc:  # the broker is down
+                    # aiokafka's stop can raise its own tasks' CancelledError; ours being
+                    # cancelled must still propagate.
+                    task = asyncio.current_task()
+                    if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                        raise
+                    log.warning("close_failed", service=self.name, client=type(client).__name__,
+                                error=f"{type(exc).__name__}: {exc}")
 
     # -- main loop -------------------------------------------------------------------------
     async def run(self, handler: Handler, *, idle_exit_s: float | None = None) -> None:
@@ -137,7 +157,7 @@ class RecordPipeline:
             commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await commit_task
-            await self._drain()
+            await self._drain(grace_s=self.settings.drain_timeout_s, abandon=True)
             await self._commit()
         if self.failure is not None:
             raise PipelineError(f"{self.name}: a record could neither be finished nor "
@@ -151,39 +171,53 @@ class RecordPipeline:
         self._stopping.set()
 
     async def _fetch_once(self, handler: Handler) -> None:
-        batches = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
-                                              max_records=self.settings.fetch_max_records)
-        generation, total, started = self._generation, sum(map(len, batches.values())), 0
-        for tp, records in batches.items():
-            for record in records:
-                self._last_record = time.monotonic()
-                await self._acquire_slot()
-                if self._generation != generation:
-                    # A rebalance ran while this waited for a slot: the partitions were
-                    # committed and forgotten, and whoever owns them now (maybe us again)
-                    # fetches these records anew from the committed offset. Starting them
-                    # here would let commits pass offsets that are still running.
-                    self._slots.release()
-                    self.stats.stale_dropped += total - started
-                    return
-                started += 1
-                self.stats.records += 1
-                self.tracker.start(tp, record.offset)
-                self._idle.clear()
-                task = asyncio.create_task(self._process(handler, tp, record))
-                self._tasks[task] = tp
+        if not self._backlog:
+            self._take(await self.consumer.getmany(
+                timeout_ms=self.settings.poll_timeout_ms,
+                max_records=self.settings.fetch_max_records))
+        while self._backlog and not self._stopping.is_set():
+            generation, tp, record = self._backlog[0]
+            if generation != self._generation:
+                # Fetched before a rebalance, which committed and forgot its partition;
+                # whoever owns it now (maybe us again) fetches it anew from the committed
+                # offset. Starting it here would let commits pass offsets still running.
+                self._backlog.popleft()
+                self.stats.stale_dropped += 1
+                continue
+            if self._slots.locked():
+                await self._wait_for_slot()
+                continue
+            await self._slots.acquire()  # free: returns at once
+            if self._paused:
+                self.consumer.resume(*self.consumer.paused())
+                self._paused = False
+            self._backlog.popleft()
+            self._last_record = time.monotonic()
+            self.stats.records += 1
+            self.tracker.start(tp, record.offset)
+            self._idle.clear()
+            task = asyncio.create_task(self._process(handler, tp, record))
+            self._tasks[task] = tp
 
-    async def _acquire_slot(self) -> None:
-        # Backpressure: when max_in_flight records are being worked on, stop fetching (pause,
-        # so the consumer's buffers stop filling too) until a slot frees up.
-        if self._slots.locked() and not self._paused:
-            self.consumer.pause(*self.consumer.assignment())
+    def _take(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        self._backlog.extend((self._generation, tp, record)
+                             for tp, records in batches.items() for record in records)
+
+    async def _wait_for_slot(self) -> None:
+        """Backpressure: every slot is busy. Pause fetching (so the consumer's buffers stop
+        filling) but keep polling, or the consumer would exceed max_poll_interval_ms and leave
+        its group; a poll while paused returns records only from partitions a rebalance has
+        just assigned (not paused yet), which join the backlog."""
+        self.consumer.pause(*self.consumer.assignment())  # new partitions after a rebalance too
+        if not self._paused:
             self._paused = True
             self.stats.pauses += 1
-        await self._slots.acquire()
-        if self._paused:
-            self.consumer.resume(*self.consumer.paused())
-            self._paused = False
+        self._slot_freed.clear()
+        if self._slots.locked():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), self.settings.paused_poll_s)
+        self._take(await self.consumer.getmany(timeout_ms=0,
+                                               max_records=self.settings.fetch_max_records))
 
     async def _process(self, handler: Handler, tp: TopicPartition,
                        record: ConsumerRecord) -> None:
@@ -212,6 +246,7 @@ class RecordPipeline:
             self.stats.finished += 1
         finally:
             self._slots.release()
+            self._slot_freed.set()
             self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if not self._tasks:
                 self._idle.set()
@@ -255,18 +290,29 @@ class RecordPipeline:
         if not positions:
             return
         try:
-            await self.consumer.commit(positions)
-        except Exception as exc:  # a rebalance in progress: the next commit will catch up
+            await asyncio.wait_for(self.consumer.commit(positions),
+                                   self.settings.commit_timeout_s)
+        except Exception as exc:  # a rebalance in progress, or the broker is down: the next
+            # commit catches up, and an unacknowledged commit only means a redelivery
             log.warning("commit_failed", service=self.name, error=str(exc))
             return
         self.tracker.mark_committed(positions)
         self.stats.commits += 1
 
     async def _drain(self, tps: set[TopicPartition] | None = None,
-                     grace_s: float | None = None) -> None:
+                     grace_s: float | None = None, *, abandon: bool = False) -> None:
+        """Wait up to `grace_s` for in-flight work (of `tps`); with `abandon`, cancel what is
+        still running then: its offsets stay unfinished, so they are redelivered, never
+        committed past."""
         tasks = [t for t, tp in self._tasks.items() if tps is None or tp in tps]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        if pending and abandon:
+            log.warning("drain_timeout", service=self.name, abandoned=len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=self.settings.close_timeout_s)
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._in_group = True

@@ -4,14 +4,16 @@ backpressure pauses fetching, rebalances are counted."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from engines.errors import EngineDead
-from plumbing.kafka import KafkaSettings, make_consumer, make_producer
+from plumbing.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from plumbing.pipeline import PipelineError, PipelineSettings, RecordPipeline
+from qscore.local.servers import EmbeddedBroker
 from schemas import DEFAULT_LIMITS
 from tests.integration.fleet_helpers import CreateTopic, kafka_settings
 
@@ -187,3 +189,71 @@ async def test_a_member_joining_and_leaving_rebalances_the_group(
         a.request_stop()
         await asyncio.wait_for(run_a, TIMEOUT)
         await a.stop()
+
+
+async def test_a_handler_slower_than_max_poll_interval_does_not_leave_the_group(
+        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str) -> None:
+    # Every slot busy for longer than max_poll_interval_ms: fetching pauses, but the consumer
+    # must keep polling, or it leaves its group and the partition churns between members.
+    kafka = dataclasses.replace(kafka_settings(kafka_bootstrap), max_poll_interval_ms=2500)
+    source = await create_topic(f"{topic_name}.in")
+    dead = await create_topic(f"{topic_name}.dead")
+    await _produce(kafka, source, b"slow", b"a", b"b", partition=0)
+    pipeline = RecordPipeline(
+        kafka, [source], PipelineSettings(group_id=f"{topic_name}-g", max_in_flight=1),
+        stage="score", dead_letter_topic=dead, limits=DEFAULT_LIMITS, name="slow")
+    done: list[bytes] = []
+    all_done = asyncio.Event()
+
+    async def handler(record: ConsumerRecord) -> None:
+        if record.value == b"slow":
+            await asyncio.sleep(5.0)  # the work itself takes this long: it is what is tested
+        done.append(record.value)
+        if len(done) == 3:
+            all_done.set()
+
+    await pipeline.start()
+    run = asyncio.create_task(pipeline.run(handler))
+    try:
+        await asyncio.wait_for(all_done.wait(), TIMEOUT)
+        joins = pipeline.stats.rebalances
+    finally:
+        pipeline.request_stop()
+        await asyncio.wait_for(run, TIMEOUT)
+        await pipeline.stop()
+    assert done == [b"slow", b"a", b"b"]
+    assert joins == 1, "the consumer left its group while its only slot was busy"
+    assert pipeline.stats.pauses >= 1
+
+
+async def test_stop_with_the_broker_gone_ends_within_its_bounds(
+        create_topic: CreateTopic, topic_name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The final drain, commit and client shutdown each have a bound: a service whose broker
+    # vanished exits (its uncommitted work is redelivered later) instead of hanging.
+    with EmbeddedBroker() as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers).with_fast_groups()
+        await ensure_topics(kafka, [f"{topic_name}.in", f"{topic_name}.dead"], partitions=1)
+        await _produce(kafka, f"{topic_name}.in", b"stuck", partition=0)
+        pipeline = RecordPipeline(
+            kafka, [f"{topic_name}.in"],
+            PipelineSettings(group_id=f"{topic_name}-g", drain_timeout_s=1.0,
+                             commit_timeout_s=1.0, close_timeout_s=1.0),
+            stage="score", dead_letter_topic=f"{topic_name}.dead", limits=DEFAULT_LIMITS,
+            name="orphan")
+        started = asyncio.Event()
+
+        async def handler(record: ConsumerRecord) -> None:
+            started.set()
+            await asyncio.Event().wait()  # never finishes: e.g. outputs the broker never acks
+
+        await pipeline.start()
+        run = asyncio.create_task(pipeline.run(handler))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        broker.kill()
+        pipeline.request_stop()
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        await asyncio.wait_for(run, 30)
+        await asyncio.wait_for(pipeline.stop(), 30)
+        assert loop.time() - begun < 20
+        assert pipeline.tracker.in_flight() == 1  # abandoned, so never committed past
