@@ -132,6 +132,18 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
+def tls_kwargs(settings: CacheSettings) -> dict[str, Any]:
+    """redis-py connection arguments for a rediss:// URL ({} otherwise: a plain connection
+    takes no ssl_* arguments). Verification is asked for explicitly: redis-py before 6.0 checks
+    the chain but not that the certificate names the host (ssl_check_hostname=False)."""
+    if settings.redis_url is None or urlsplit(settings.redis_url).scheme != "rediss":
+        return {}
+    kwargs: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.ssl_ca_certs:
+        kwargs["ssl_ca_certs"] = settings.ssl_ca_certs
+    return kwargs
+
+
 def _check_int(name: str, value: object, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise CacheSettingsError(name, f"must be an int >= {lo}, got {value!r}")
@@ -181,13 +193,12 @@ class ResultCache:
         """Connect to Redis if configured. Redis being down is logged, never raised."""
         s = self.settings
         if s.redis_url is not None and self._redis is None:
-            tls: dict[str, Any] = {"ssl_ca_certs": s.ssl_ca_certs} if s.ssl_ca_certs else {}
             self._redis = Redis.from_url(
                 s.redis_url,
                 socket_timeout=s.op_timeout_s,
                 socket_connect_timeout=s.op_timeout_s,
                 retry=Retry(NoBackoff(), 0),  # retries would stretch a failure past the timeout
-                **tls,
+                **tls_kwargs(s),
             )
             await self._call(lambda r: r.ping())
         self._started = True

@@ -107,10 +107,28 @@ class KafkaSettings:
     fetch_max_wait_ms: int = 100
 
     def __post_init__(self) -> None:
-        if self.security_protocol not in SECURITY_PROTOCOLS:
+        """Refuse settings the protocol would silently ignore: a typo in the protocol must
+        never send credentials, or data, in the clear (the CLI names flags; this names fields
+        for settings built in Python)."""
+        protocol = self.security_protocol
+        if protocol not in SECURITY_PROTOCOLS:
             raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}, "
-                             f"not {self.security_protocol!r}")
-        if self.security_protocol.startswith("SASL"):
+                             f"not {protocol!r}")
+        sasl_given = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                      if getattr(self, name) is not None]
+        if sasl_given and not protocol.startswith("SASL"):
+            raise ValueError(f"{', '.join(sasl_given)} given but security_protocol is "
+                             f"{protocol!r}: use SASL_SSL (or SASL_PLAINTEXT) to authenticate")
+        ssl_given = [name for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+                     if getattr(self, name) is not None]
+        if not self.ssl_check_hostname:
+            ssl_given.append("ssl_check_hostname=False")
+        if ssl_given and protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"{', '.join(ssl_given)} given but security_protocol is "
+                             f"{protocol!r}: use SSL or SASL_SSL")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the certificate of this key)")
+        if protocol.startswith("SASL"):
             if self.sasl_mechanism not in SASL_MECHANISMS:
                 raise ValueError(f"{self.security_protocol} needs sasl_mechanism in "
                                  f"{SASL_MECHANISMS}, not {self.sasl_mechanism!r}")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.panel import Panel
 
+from plumbing.cache import redact_url
 from plumbing.logs import configure_logging
 from qscore.cli.options import (
     DEFAULT_ENGINE_DIR,
@@ -62,7 +63,7 @@ def up(
         err.print(Panel.fit(
             f"broker      {fleet.bootstrap_servers}"
             f"{' (embedded)' if fleet.broker else ''}\n"
-            f"cache       {fleet.redis_url or 'in-process (no redis-server)'}\n"
+            f"cache       {redact_url(fleet.redis_url or '') or 'in-process (no redis-server)'}\n"
             f"services    {tokenizers} tokenizer, {workers} worker  (logs: {fleet.workdir})\n"
             f"publish     qscore publish QUERIES.jsonl {flags}\n"
             f"read        qscore consume {flags}",

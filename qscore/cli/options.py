@@ -108,7 +108,8 @@ TopicPrefix = Annotated[str, typer.Option(
 RedisUrl = Annotated[str | None, typer.Option(
     "--redis-url", envvar="QSCORE_REDIS_URL", rich_help_panel=_REDIS, show_default=False,
     help="Result cache, e.g. redis://:PASSWORD@host:6379/0, or rediss://... for TLS. Unset: "
-    "no cache. Never printed with its password.")]
+    "no cache. A URL with a password is best given through the environment variable: a flag "
+    "shows up in `ps`. Never printed with its password.")]
 RedisCaCerts = Annotated[Path | None, typer.Option(
     "--redis-ca-certs", envvar="QSCORE_REDIS_CA_CERTS", rich_help_panel=_REDIS,
     exists=True, dir_okay=False, help="PEM file of the CA that signed the Redis server's "
@@ -234,7 +235,8 @@ def kafka_settings_from(
     try:
         return KafkaSettings(
             bootstrap_servers=servers, security_protocol=protocol, sasl_mechanism=mechanism,
-            sasl_username=sasl_username, sasl_password=sasl_password,
+            # An empty flag or variable is no value here, as in the checks above.
+            sasl_username=sasl_username or None, sasl_password=sasl_password or None,
             ssl_cafile=str(ssl_cafile) if ssl_cafile else None,
             ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
             ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,

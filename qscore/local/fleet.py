@@ -15,17 +15,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
 
 from qscore.local.process import ChildProcess
 from qscore.local.servers import EmbeddedBroker, RedisServer
 
+# Flags whose values are (or may carry) secrets: any user can read a process's arguments (`ps`,
+# /proc/PID/cmdline), only its owner its environment, so these go to children as QSCORE_* vars.
+_SECRET_FLAGS = ("--redis-url", "--sasl-password")
+
+
+def check_no_secrets(args: Sequence[str]) -> None:
+    """Raise ValueError if `args` pass a password on the command line."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in _SECRET_FLAGS:
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if flag == "--sasl-password" or urlsplit(value).password is not None:
+            raise ValueError(f"{flag} would show its secret in `ps`: pass it in the environment "
+                             "(QSCORE_REDIS_URL, QSCORE_KAFKA_SASL_PASSWORD)")
+
 
 class ServiceProcess(ChildProcess):
-    """One `python -m qscore <args>` child with its output in `log_path`."""
+    """One `python -m qscore <args>` child with its output in `log_path`. Secrets go in `env`:
+    arguments carrying one are refused."""
 
     def __init__(self, name: str, args: Sequence[str], log_path: Path,
                  env: Mapping[str, str] | None = None) -> None:
         super().__init__(log_path)
+        check_no_secrets(args)
         self.name = name
         self.args = list(args)
         self.env = dict(env or {})
@@ -99,20 +119,25 @@ class LocalFleet:
         return self
 
     def common_args(self) -> list[str]:
+        """Every service's flags; the Redis URL, which may hold a password, is in common_env."""
         args = ["--bootstrap-servers", self.bootstrap_servers,
                 "--topic-prefix", self.spec.topic_prefix, "--engine", str(self.spec.artifact)]
-        if self.redis_url:
-            args += ["--redis-url", self.redis_url]
         if self.broker is not None:
             args += ["--fast-groups"]  # the embedded broker holds group joins for ~a session
         return args
+
+    def common_env(self) -> dict[str, str]:
+        """Every service's environment: the cache this fleet chose, "" (none) included, so
+        that a QSCORE_REDIS_URL this process inherited cannot point services elsewhere."""
+        return {"QSCORE_REDIS_URL": self.redis_url or ""}
 
     def service(self, kind: str, index: int) -> ServiceProcess:
         """A (not yet started) service process of this fleet; tests start extra ones."""
         extra = self.spec.worker_args if kind == "worker" else self.spec.tokenizer_args
         return ServiceProcess(name=f"{kind}-{index}",
                               args=[kind, *self.common_args(), *extra],
-                              log_path=self.workdir / f"{kind}-{index}.log")
+                              log_path=self.workdir / f"{kind}-{index}.log",
+                              env=self.common_env())
 
     def processes(self) -> list[ServiceProcess]:
         return [*self.tokenizers, *self.workers]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import numpy as np
 import pytest
+from redis.asyncio import Redis
 
+import plumbing.cache
 from plumbing.cache import (
     CacheSettings,
     ResultCache,
@@ -13,6 +18,7 @@ from plumbing.cache import (
     key_digest,
     redis_key,
 )
+from qscore.local.servers import free_port
 
 LOCAL = CacheSettings()  # no redis_url: in-process only
 
@@ -83,6 +89,43 @@ def test_settings_are_validated(kwargs: dict[str, object], message: str) -> None
 def test_settings_accept_tls_and_passwords() -> None:
     s = CacheSettings(redis_url="rediss://:secret@cache.example:6380/2", ssl_ca_certs="/ca.pem")
     assert s.redis_url is not None and s.ttl_s == 86_400
+
+
+@pytest.fixture
+def passed(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The keyword arguments ResultCache gives Redis.from_url (which still runs)."""
+    seen: dict[str, Any] = {}
+    from_url = Redis.from_url
+
+    def recording(url: str, **kwargs: Any) -> Redis:
+        seen.update(kwargs)
+        return from_url(url, **kwargs)
+
+    monkeypatch.setattr(plumbing.cache.Redis, "from_url", recording)
+    return seen
+
+
+@pytest.mark.parametrize("ca_certs", [None, "/ca.pem"])
+async def test_rediss_verifies_the_certificate_and_its_host_name(
+    passed: dict[str, Any], ca_certs: str | None
+) -> None:
+    # redis-py < 6 leaves ssl_check_hostname off unless asked: ask whatever the version.
+    url = f"rediss://:secret@127.0.0.1:{free_port()}/0"  # nothing listens: start() just warns
+    async with ResultCache(CacheSettings(redis_url=url, ssl_ca_certs=ca_certs), "v1") as cache:
+        assert not cache.redis_available
+    assert passed["ssl_check_hostname"] is True and passed["ssl_cert_reqs"] == "required"
+    assert passed.get("ssl_ca_certs") == ca_certs
+    if ca_certs is None:  # the TLS context redis-py would connect with (needs no CA file)
+        client = Redis(**passed, ssl=True)
+        context = client.connection_pool.make_connection().ssl_context.get()  # type: ignore[attr-defined]
+        assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+        await client.aclose()
+
+
+async def test_plain_redis_gets_no_tls_arguments(passed: dict[str, Any]) -> None:
+    async with ResultCache(CacheSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0"), "v1"):
+        pass
+    assert passed and not any(k.startswith("ssl") for k in passed)
 
 
 async def test_local_cache_counts_hits_and_misses() -> None:

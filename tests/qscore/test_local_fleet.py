@@ -1,0 +1,101 @@
+"""`qscore up`'s fleet without starting it: secrets reach services by environment, never by
+command line (readable by any user in `ps`), and the start-up panel masks them."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import engines.select
+import qscore.local.fleet
+from qscore.cli.app import app
+from qscore.local.fleet import FleetSpec, LocalFleet, ServiceProcess
+
+URL = "redis://:s3cret-pw@cache.example:6379/0"
+
+
+def _fleet(redis_url: str | None) -> LocalFleet:
+    return LocalFleet(FleetSpec(artifact=Path("engine"), bootstrap_servers="127.0.0.1:9092",
+                                redis_url=redis_url, worker_args=("--threads", "1")))
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "worker"])
+def test_services_get_the_redis_url_in_their_environment_only(kind: str) -> None:
+    service = _fleet(URL).service(kind, 0)
+    assert service.args[0] == kind and "--bootstrap-servers" in service.args
+    assert not any("s3cret" in arg or arg.startswith("--redis-url") for arg in service.args)
+    assert service.env["QSCORE_REDIS_URL"] == URL
+
+
+def test_a_fleet_without_redis_overrides_an_inherited_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QSCORE_REDIS_URL", "redis://elsewhere:6379/0")
+    # "" reads as unset (no cache), as the panel's "in-process" says.
+    assert _fleet(None).service("worker", 0).env["QSCORE_REDIS_URL"] == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["worker", "--redis-url", URL],
+    ["worker", f"--redis-url={URL}"],
+    ["worker", "--sasl-password", "pw"],
+    ["worker", "--sasl-password=pw"],
+])
+def test_service_arguments_with_a_secret_are_refused(args: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="environment") as caught:
+        ServiceProcess("worker-0", args, tmp_path / "worker.log")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_service_arguments_without_secrets_are_accepted() -> None:
+    check = qscore.local.fleet.check_no_secrets
+    check(["worker", "--redis-url", "redis://cache:6379/0", "--redis-url"])
+    check(["worker", "--sasl-username", "u", "--threads", "1"])
+
+
+class _ExitedService:
+    name = "worker-0"
+
+    def poll(self) -> int:
+        return 1
+
+    def log_tail(self) -> str:
+        return "worker ended"
+
+
+class _StartedFleet:
+    """LocalFleet as `qscore up` sees it once started, with a service that has exited (so
+    that `up` prints its panel, then stops)."""
+
+    def __init__(self, spec: FleetSpec) -> None:
+        self.redis_url = spec.redis_url
+        self.bootstrap_servers = "127.0.0.1:9092"
+        self.broker = None
+        self.workdir = spec.artifact
+        self.stopped = False
+
+    def start(self) -> _StartedFleet:
+        return self
+
+    def processes(self) -> list[_ExitedService]:
+        return [_ExitedService()]
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_up_panel_masks_the_redis_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    monkeypatch.setattr(engines.select, "find_artifact", lambda settings: tmp_path)
+    monkeypatch.setattr(qscore.local.fleet, "LocalFleet", _StartedFleet)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's Ctrl-C handler
+    result = CliRunner().invoke(app, ["up", "--engine", str(tmp_path)],
+                                env={"QSCORE_REDIS_URL": URL, "COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "qscore fleet is up" in result.output and "worker-0 exited" in result.output
+    assert "redis://:***@cache.example:6379/0" in result.output
+    assert "s3cret" not in result.output
