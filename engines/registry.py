@@ -33,7 +33,18 @@ CURRENT = "current"
 
 
 def model_dir(root: Path, model_id: str) -> Path:
-    return Path(root) / model_id.replace("/", "--")
+    """`model_id`'s directory: always one entry directly under `root` (RegistryError if the
+    id cannot be one, e.g. "." or "..", which would put versions in the root or above it)."""
+    name = model_id.replace("/", "--") if isinstance(model_id, str) else ""
+    # Listing skips dot entries (in-flight work), so a model there would be invisible too;
+    # a backslash separates paths on Windows shares; control characters make unusable names.
+    if (not name.strip() or name.startswith(".") or "\\" in name
+            or any(ord(ch) < 32 or ch == "\x7f" for ch in name)
+            or Path(name).name != name):
+        raise RegistryError(f"{model_id!r} is not a valid model id: it must name one directory "
+                            "under the registry root (e.g. org/name), not start with '.', and "
+                            "hold no backslash or control character")
+    return Path(root) / name
 
 
 def _checked(version: str) -> str:

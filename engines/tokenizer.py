@@ -18,7 +18,7 @@ from tokenizers import Encoding, Tokenizer
 
 from engines.errors import ArtifactError
 from engines.manifest import Manifest
-from schemas import Priority, QueryItem, TokenBatch
+from schemas import Head, Priority, QueryItem, TokenBatch
 
 
 class TokenizerError(Exception):
@@ -53,6 +53,8 @@ class QueryTokenizer:
         self.tokenizer_id = tokenizer_id_of(tokenizer_json)
         self.max_length = max_length
         self.pairs = pairs  # classifier head: (query, doc) pairs; similarity: separate texts
+        # Travels in every TokenBatch: a worker refuses batches made for the other head.
+        self.head: Head = "classifier" if pairs else "similarity"
         self._tok = Tokenizer.from_file(str(tokenizer_json))
         # tokenizer.json files often carry their own padding/truncation; ours must win.
         self._tok.no_padding()
@@ -115,6 +117,7 @@ class QueryTokenizer:
             batch_id=batch_id,
             item_ids=tuple(item.id for item in items),
             tokenizer_id=self.tokenizer_id,
+            head=self.head,
             max_length=self.max_length,
             seq_item=enc.seq_item,
             seq_doc=enc.seq_doc,
@@ -151,3 +154,11 @@ def artifact_tokenizer(path: Path, manifest: Manifest) -> QueryTokenizer:
     """The tokenizer an artifact was built with; refuses one whose files changed since."""
     return QueryTokenizer(check_artifact_tokenizer(path, manifest), manifest.max_length,
                           pairs=manifest.head == "classifier")
+
+
+def artifact_vocab_size(path: Path) -> int:
+    """How many token ids an artifact's tokenizer can produce: any id at or past it is not
+    from this tokenizer, and must never reach an engine (an embedding lookup past the table
+    fails on ONNX Runtime and reads out of bounds on a GPU)."""
+    return Tokenizer.from_file(str(artifact_tokenizer_json(path))).get_vocab_size(
+        with_added_tokens=True)

@@ -20,7 +20,13 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from plumbing.kafka import KafkaSettings, make_consumer, make_producer
 from plumbing.offsets import OffsetTracker
@@ -64,6 +70,18 @@ class PipelineError(RuntimeError):
     """The pipeline stopped: a record could be neither finished nor dead-lettered."""
 
 
+class UndeliverableError(Exception):
+    """A record's output can never be delivered as it is (its topic does not exist, it is too
+    large, the topic is forbidden): a redelivery would fail the same way, so the record is
+    dead-lettered instead of stopping the service into a crash loop."""
+
+
+# Broker and client errors that a redelivery of the same record would repeat.
+_REPEATS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError,
+            TopicAuthorizationFailedError)
+_MISSING_TOPIC_RECHECK_S = 10.0  # a missing topic is looked up again at most this often
+
+
 class RecordPipeline:
     """Runs `handler` for every record of `topics`, committing only finished offsets."""
 
@@ -102,6 +120,8 @@ class RecordPipeline:
         self._generation = 0
         # Fetched records waiting for a slot, tagged with the generation they were fetched in.
         self._backlog: deque[tuple[int, TopicPartition, ConsumerRecord]] = deque()
+        self._topics: set[str] = set()  # known to exist (check_topic)
+        self._missing: dict[str, float] = {}  # topic -> when it was last seen missing
         self._slot_freed = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -226,6 +246,11 @@ class RecordPipeline:
                 await handler(record)
             except asyncio.CancelledError:
                 raise
+            except _REPEATS as exc:
+                await self._dead_letter_or_fail(record, UndeliverableError(
+                    f"its output cannot be delivered: {type(exc).__name__}: {exc}"))
+                if self.failure is not None:
+                    return
             except self.fatal as exc:
                 # The broker did not take this record's outputs (aiokafka has retried already),
                 # or no engine is left to score it (every GPU lost): not the record's fault, so
@@ -234,13 +259,8 @@ class RecordPipeline:
                 self._fail(exc)
                 return
             except Exception as exc:  # any failure of one record: dead-letter it, move on
-                try:
-                    await self.dead_letter(record, exc)
-                except Exception as fatal:
-                    # Neither its outputs nor its dead letter were acknowledged: the record
-                    # cannot finish, so no offset past it may be committed, ever. Stop rather
-                    # than consume on with commits stalled; a restart redelivers it.
-                    self._fail(fatal)
+                await self._dead_letter_or_fail(record, exc)
+                if self.failure is not None:
                     return
             self.tracker.finish(tp, record.offset)
             self.stats.finished += 1
@@ -250,6 +270,32 @@ class RecordPipeline:
             self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if not self._tasks:
                 self._idle.set()
+
+    async def _dead_letter_or_fail(self, record: ConsumerRecord, exc: Exception) -> None:
+        try:
+            await self.dead_letter(record, exc)
+        except Exception as fatal:
+            # Neither its outputs nor its dead letter were acknowledged: the record cannot
+            # finish, so no offset past it may be committed, ever. Stop rather than consume on
+            # with commits stalled; a restart redelivers it.
+            self._fail(fatal)
+
+    async def check_topic(self, topic: str) -> None:
+        """Raise UndeliverableError unless `topic` exists. Producing to a missing topic either
+        creates it (brokers with auto-create) or waits out the metadata timeout and fails the
+        same way on every redelivery; so outputs only go to topics someone created."""
+        if topic in self._topics:
+            return
+        now = time.monotonic()
+        if now - self._missing.get(topic, -_MISSING_TOPIC_RECHECK_S) >= _MISSING_TOPIC_RECHECK_S:
+            cluster = await self.producer.client.fetch_all_metadata()  # never creates topics
+            self._topics = set(cluster.topics())
+            if topic in self._topics:
+                self._missing.pop(topic, None)
+                return
+            self._missing[topic] = now
+        raise UndeliverableError(f"topic {topic!r} does not exist: create it (qscore topics "
+                                 "create, or your Kafka tooling) before asking for it")
 
     async def send(self, topic: str, value: bytes, *,
                    key: bytes | None = None) -> asyncio.Future[Any]:

@@ -32,6 +32,8 @@ from .scores import (
     encode_scores_to_fit,
 )
 from .tokens import (
+    HEADS,
+    Head,
     TokenBatch,
     decode_token_batch,
     encode_token_batch,
@@ -41,9 +43,11 @@ from .tokens import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "HEADS",
     "PRIORITIES",
     "STAGES",
     "DeadLetter",
+    "Head",
     "ItemScore",
     "Limits",
     "Priority",

@@ -21,11 +21,14 @@ Rule names are stable strings that dashboards and tests match on:
     duplicate    item id (or token sequence) seen twice
     finite       NaN or infinity
     range        number outside its allowed range (negative time, index out of bounds, ...)
-    enum         value outside a fixed set (priority, stage)
+    enum         value outside a fixed set (priority, stage, token batch head)
     topic        not a legal Kafka topic name
     forbidden_topic  a reply_topic outside the fleet's allow-list (checked by the services)
     monotone     token offsets that go backwards or do not span the ids
     max_length   token sequence longer than the batch's max_length
+    seq_layout   token sequences not laid out as the tokenizer writes them for the batch's head
+                 (not grouped by item in order, an item without sequences, a missing query
+                 sequence, a gap or reordering in doc indices; see schemas.tokens)
     base64       dead letter's original is not base64
     internal     a bug in this package; decoders never leak another exception type
 """

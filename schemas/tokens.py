@@ -2,19 +2,32 @@
 
 Token ids are most of a TokenBatch, so they travel as little-endian arrays, never JSON lists::
 
-    b"QSTB" | u16 version (1) | u32 header length H | header: H bytes of JSON, space-padded
+    b"QSTB" | u16 version (2) | u32 header length H | header: H bytes of JSON, space-padded
     so the arrays start 4-byte aligned | seq_item u32[n_seq] | seq_doc i32[n_seq] |
     offsets u32[n_seq+1] | truncated u8[n_seq] | zero padding to 4 bytes |
     input_ids (u16 if every id < 65536, else u32)[n_ids] | token_type_ids u8[n_ids] if present |
     if has_keys: zero padding to 4 bytes | cache_keys u8[n_seq * 16]
 
-The header holds batch_id, item_ids, tokenizer_id, max_length, submitted_at, reply_topic,
-priority, n_seq, n_ids, id_width (2 or 4), has_type_ids and has_keys. Sequence i is
-``input_ids[offsets[i]:offsets[i+1]]``; it belongs to item ``item_ids[seq_item[i]]`` and is the
-query alone (``seq_doc[i] == -1``) or the query paired with doc ``seq_doc[i]``.
+The header holds batch_id, item_ids, tokenizer_id, head, max_length, submitted_at,
+reply_topic, priority, n_seq, n_ids, id_width (2 or 4), has_type_ids and has_keys. Sequence i
+is ``input_ids[offsets[i]:offsets[i+1]]``; it belongs to item ``item_ids[seq_item[i]]`` and is
+the query alone (``seq_doc[i] == -1``) or doc ``seq_doc[i]`` (alone for the similarity head,
+paired with the query for the classifier head).
 ``cache_keys[i]`` is the 16-byte result-cache digest of sequence i (plumbing.cache.key_digest):
 the worker sees only token ids, so the tokenizer ships the keys it looked up for it to write
 results through under.
+
+Sequences are laid out as the tokenizer writes them (rule ``seq_layout`` otherwise): grouped by
+item, items in order, every item at least once; per item, for ``head`` "similarity" the query
+alone then its docs, ``seq_doc`` = ``-1, 0, 1, .., n-1``; for "classifier" its (query, doc)
+pairs ``0, 1, .., n-1``, or ``-1`` alone for an item without docs. The worker takes an item's
+scores from its rows by position, so this is what makes every row it reads the item's own.
+
+Versioning: the header's key set is strict (unknown and missing keys are refused), so adding a
+header key is a layout change like any other and bumps VERSION. A decoder reads its own version
+only and refuses any other with rule ``version`` (a dead letter that says so): token topics hold
+seconds of work, so tokenizers and workers are upgraded together rather than made to read old
+layouts. Version 2 added ``head`` and the ``seq_layout`` rules.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -33,13 +46,18 @@ from .limits import DEFAULT_LIMITS, Limits
 from .query import PRIORITIES, Priority
 
 MAGIC = b"QSTB"
-VERSION = 1
+VERSION = 2
+# The engine head a batch was tokenized for: the layouts differ, so a worker must refuse the
+# other head's batches (engines.manifest keeps its own copy: schemas imports nothing above it).
+Head = Literal["similarity", "classifier"]
+HEADS: tuple[Head, ...] = ("similarity", "classifier")
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _U32_MAX = 2**32 - 1
 _HEADER_KEYS = (
     "batch_id",
     "item_ids",
     "tokenizer_id",
+    "head",
     "max_length",
     "submitted_at",
     "reply_topic",
@@ -71,6 +89,8 @@ class TokenBatch:
     reply_topic: str | None = None
     priority: Priority = "online"
     cache_keys: np.ndarray | None = None  # uint8 [n_seq, 16]; None = no write-through
+    # None only in batches built by hand that never travel: the encoder refuses it.
+    head: Head | None = None
 
     @property
     def n_sequences(self) -> int:
@@ -112,6 +132,7 @@ class TokenBatch:
             and self.submitted_at == other.submitted_at
             and self.reply_topic == other.reply_topic
             and self.priority == other.priority
+            and self.head == other.head
             and all(_same(getattr(self, f), getattr(other, f)) for f in _ARRAY_FIELDS)
         )
 
@@ -157,6 +178,7 @@ def _header(m: object, limits: Limits) -> dict[str, Any]:
         "batch_id": c.text(h["batch_id"], "batch_id", limits.max_id_chars, blank_ok=True),
         "item_ids": item_ids,
         "tokenizer_id": c.text(h["tokenizer_id"], "tokenizer_id", limits.max_id_chars),
+        "head": c.enum(h["head"], "head", HEADS),
         "max_length": c.integer(h["max_length"], "max_length", 1, _U32_MAX),
         "submitted_at": c.number(h["submitted_at"], "submitted_at", lo=0.0),
         "reply_topic": c.topic(h["reply_topic"], "reply_topic", limits),
@@ -216,6 +238,41 @@ def _check_arrays(h: dict[str, Any], a: dict[str, np.ndarray], limits: Limits) -
         order = np.argsort(keys, kind="stable")
         dup = order[1:][np.diff(keys[order]) == 0][0]
         raise SchemaError(f"seq_doc[{dup}]", "duplicate", "two sequences for one (item, doc)")
+    _check_layout(h["head"], n_items, seq_item, seq_doc)
+
+
+def _check_layout(head: str, n_items: int, seq_item: np.ndarray, seq_doc: np.ndarray) -> None:
+    """Rule seq_layout (see the module docstring); items and docs are range-checked already.
+
+    Without it, an item with no query row or a gap in its docs made the worker score it with
+    another item's row (outputs[-1]) or shift its scores onto the wrong docs.
+    """
+    items, docs = seq_item.astype(np.int64), seq_doc.astype(np.int64)
+    _first(np.diff(items) < 0, "seq_item[{}]", "seq_layout",
+           "sequences must be grouped by item, in item order", shift=1)
+    present = np.zeros(n_items, dtype=bool)
+    present[items] = True
+    _first(~present, "item_ids[{}]", "seq_layout", "an item without any sequence")
+    at = np.arange(len(items))
+    starts = np.ones(len(items), dtype=bool)
+    starts[1:] = items[1:] != items[:-1]
+    first = np.maximum.accumulate(np.where(starts, at, 0))  # where each one's item begins
+    with_query = docs[first] == -1
+    expected = at - first - with_query  # -1 (if the item starts with its query), 0, 1, ...
+    bad = docs != expected
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SchemaError(f"seq_doc[{i}]", "seq_layout",
+                          f"expected {expected[i]}: the query alone (-1) first, then docs "
+                          "0..n-1 in order")
+    if head == "similarity":
+        # Its docs are scored against the query's own embedding.
+        _first(starts & ~with_query, "seq_doc[{}]", "seq_layout",
+               "a similarity item needs its query sequence (-1) first")
+    else:
+        # Pairs carry the query already; a classifier item is its pairs or the query alone.
+        _first(with_query & ~starts, "seq_doc[{}]", "seq_layout",
+               "a classifier item has (query, doc) pairs or the query alone, not both")
 
 
 def _first(
@@ -295,6 +352,7 @@ def _encode_parts(tb: TokenBatch, limits: Limits) -> list[bytes]:
             "batch_id": tb.batch_id,
             "item_ids": tb.item_ids,
             "tokenizer_id": tb.tokenizer_id,
+            "head": tb.head,
             "max_length": tb.max_length,
             "submitted_at": tb.submitted_at,
             "reply_topic": tb.reply_topic,
@@ -350,7 +408,7 @@ def decode_token_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> TokenBat
     if magic != MAGIC:
         raise SchemaError("$", "magic", f"got {magic!r}")
     if version != VERSION:
-        raise SchemaError("$", "version", f"got {version}")
+        raise SchemaError("$", "version", f"got {version}, expected {VERSION}")
     header_end = _PREFIX.size + header_len
     if header_end > len(data):
         raise SchemaError("$", "length", f"header of {header_len} bytes in {len(data)}")
@@ -385,6 +443,7 @@ def decode_token_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> TokenBat
         batch_id=h["batch_id"],
         item_ids=h["item_ids"],
         tokenizer_id=h["tokenizer_id"],
+        head=h["head"],
         max_length=h["max_length"],
         submitted_at=h["submitted_at"],
         reply_topic=h["reply_topic"],

@@ -33,7 +33,7 @@ from engines.manifest import Manifest, read_manifest
 from engines.tokenizer import check_artifact_tokenizer
 from plumbing.cache import CacheSettings, ResultCache
 from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics, check_reply_topic
-from plumbing.pipeline import PipelineSettings, RecordPipeline
+from plumbing.pipeline import PipelineSettings, RecordPipeline, UndeliverableError
 from schemas import (
     DEFAULT_LIMITS,
     ItemScore,
@@ -189,7 +189,9 @@ class TokenizerService:
         try:
             check_reply_topic(batch.reply_topic,
                               self.settings.reply_topics or self.settings.topics.reply_patterns())
-        except ReplyTopicError as exc:
+            if batch.reply_topic is not None:
+                await self.pipeline.check_topic(batch.reply_topic)
+        except (ReplyTopicError, UndeliverableError) as exc:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return
         offline = record.topic == self.settings.topics.queries_offline or (

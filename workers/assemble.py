@@ -15,21 +15,41 @@ def item_scores(tb: TokenBatch, outputs: np.ndarray, *, head: str,
     a query without docs gets its embedding instead of scores.
     classifier: outputs are probabilities of the positive class, one per (query, doc) pair or
     per query alone.
+
+    Each item is scored from its own rows only: a row it lacks (no query sequence, a gap in its
+    doc indices) raises ValueError instead of borrowing another item's. The decoder refuses
+    such batches (rule seq_layout); this guards TokenBatches built in-process.
     """
     n_items = len(tb.item_ids)
     if outputs.shape[0] != tb.n_sequences:
         raise ValueError(f"{outputs.shape[0]} outputs for {tb.n_sequences} sequences")
     per_item: list[list[tuple[int, int]]] = [[] for _ in range(n_items)]
-    query_row = np.full(n_items, -1, dtype=np.int64)
+    query_row = np.full(n_items, -1, dtype=np.int64)  # -1: the item has no query sequence
     for seq, (item, doc) in enumerate(zip(tb.seq_item.tolist(), tb.seq_doc.tolist(),
                                           strict=True)):
-        if doc < 0:
+        if not 0 <= item < n_items or doc < -1:
+            raise ValueError(f"TokenBatch {tb.batch_id!r}: sequence {seq} has item {item}, "
+                             f"doc {doc} (items 0..{n_items - 1}, docs >= -1)")
+        if doc == -1:
+            if query_row[item] >= 0:
+                raise ValueError(f"TokenBatch {tb.batch_id!r}: item {tb.item_ids[item]!r} "
+                                 "has two query sequences")
             query_row[item] = seq
         else:
             per_item[item].append((doc, seq))
     results: list[ItemScore] = []
     for item, item_id in enumerate(tb.item_ids):
         docs = sorted(per_item[item])
+        # Scores are positional: doc indices must be exactly 0..n-1, or scores land on the
+        # wrong docs.
+        if [d for d, _ in docs] != list(range(len(docs))):
+            raise ValueError(f"TokenBatch {tb.batch_id!r}: item {item_id!r} has doc indices "
+                             f"{[d for d, _ in docs]}, not 0..{len(docs) - 1}")
+        needs_query = head == "similarity" or not docs
+        if needs_query and query_row[item] < 0:
+            # outputs[-1] would be the batch's last row: another item's.
+            raise ValueError(f"TokenBatch {tb.batch_id!r}: item {item_id!r} has no query "
+                             f"sequence ({head} head)")
         embedding: tuple[float, ...] | None = None
         if head == "similarity":
             query = outputs[query_row[item]]

@@ -9,18 +9,23 @@ event loop.
 (fewest busy lanes, then fewest sequences in flight, then the lowest slot index), so
 consecutive batches land on GPU 0, GPU 1, GPU 2 before any GPU gets its second stream's batch.
 
-An engine whose call raises EngineDead is out of service from then on: its lanes are never
-handed out again, and once no engine is left `acquire` raises EngineDead instead of waiting.
+An engine whose call raises EngineDead, or does not return within `call_timeout_s` (a stuck
+device call), is out of service from then on: its lanes are never handed out again, and once
+no engine is left `acquire` raises EngineDead instead of waiting, so the worker stops and a
+restart (or another host) takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -55,8 +60,50 @@ class SlotStats:
         self.busy_s += busy_s
 
 
+class LaneThread:
+    """The one thread that drives a slot's lane. A daemon thread, not a ThreadPoolExecutor's:
+    those are joined at interpreter exit, so one stuck in a device call would keep a worker
+    that has given up on it from ever exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the loop, which decides
+                outcome = (future.set_exception, exc)
+            else:
+                outcome = (future.set_result, result)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+    def stop(self) -> None:
+        """Finish the calls already queued, then end."""
+        self._jobs.put(None)
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+def _settle(future: asyncio.Future[Any], setter: Callable[[Any], None], value: Any) -> None:
+    if not future.done():  # a caller that timed out has cancelled it
+        setter(value)
+
+
 class EnginePool:
-    def __init__(self, engines: Sequence[Engine]) -> None:
+    def __init__(self, engines: Sequence[Engine], *, call_timeout_s: float = 60.0) -> None:
         if not engines:
             raise ValueError("an EnginePool needs at least one engine")
         self.engines = list(engines)
@@ -72,11 +119,14 @@ class EnginePool:
             device = getattr(engine, "device", "cpu")
             first = len(self.slots)
             self.slots += [Slot(first + lane, i, lane, device) for lane in range(lanes)]
-        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=(
-            f"qscore-engine-{s.engine}-lane-{s.lane}")) for s in self.slots]
+        # A call that takes longer than this is stuck (a hung GPU): its engine is declared dead.
+        self.call_timeout_s = call_timeout_s
+        self._threads = [LaneThread(f"qscore-engine-{s.engine}-lane-{s.lane}")
+                         for s in self.slots]
         self.slot_stats = [SlotStats() for _ in self.slots]
         self.device_stats = {s.device: SlotStats() for s in self.slots}
         self.dead: set[int] = set()  # engines out of service
+        self._stuck: set[int] = set()  # slots whose thread may never return
         self._free = set(range(len(self.slots)))
         self._held: set[int] = set()
         self._in_flight: Counter[str] = Counter()  # sequences being run, per device
@@ -119,11 +169,17 @@ class EnginePool:
         (and is raised, so the caller can run the batch elsewhere); other errors leave it in."""
         if slot.engine in self.dead:
             raise EngineDead(f"engine {slot.engine} on {slot.device} is out of service")
-        loop = asyncio.get_running_loop()
         self._in_flight[slot.device] += batch.size
+        call = self._threads[slot.index].submit(self._call, slot, batch)
         try:
-            out, busy_s = await loop.run_in_executor(self._threads[slot.index], self._call,
-                                                     slot, batch)
+            out, busy_s = await asyncio.wait_for(call, self.call_timeout_s)
+        except TimeoutError:
+            dead = EngineDead(f"engine {slot.engine} on {slot.device}: a call on lane "
+                              f"{slot.lane} did not return within {self.call_timeout_s:g} s "
+                              f"({batch.size} sequences); taken out of service as stuck")
+            self._take_out(slot.engine, dead)
+            self._stuck.add(slot.index)
+            raise dead from None
         except EngineDead as exc:
             self._take_out(slot.engine, exc)
             raise
@@ -158,10 +214,22 @@ class EnginePool:
                     f"{name}_busy_s": stats.busy_s}
         return out
 
-    def close(self) -> None:
-        for pool in self._threads:
-            pool.shutdown(wait=True)
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Let queued calls finish (up to `timeout_s`, off the loop), then close the engines.
+        An engine with a lane still stuck in a call is left unclosed: freeing a device under
+        a running call can crash the process, and it is exiting anyway."""
+        for lane in self._threads:
+            lane.stop()
+        deadline = time.monotonic() + timeout_s
+        stuck: set[int] = set()
+        for slot, lane in zip(self.slots, self._threads, strict=True):
+            left = 0.0 if slot.index in self._stuck else max(0.0, deadline - time.monotonic())
+            if not await asyncio.to_thread(lane.join, left):
+                stuck.add(slot.engine)
         for i, engine in enumerate(self.engines):
+            if i in stuck:
+                log.warning("engine_not_closed", engine=i, reason="a call is still running")
+                continue
             try:
                 engine.close()
             except Exception as exc:  # a dead device may fail to free; close the others

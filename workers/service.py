@@ -21,6 +21,7 @@ from aiokafka import ConsumerRecord
 
 from engines.errors import EngineDead
 from engines.protocol import Engine
+from engines.tokenizer import artifact_tokenizer_json, artifact_vocab_size
 from plumbing.cache import CacheSettings, ResultCache, encode_floats
 from plumbing.kafka import KafkaSettings, Topics, check_reply_topic
 from plumbing.pipeline import PipelineSettings, RecordPipeline
@@ -42,7 +43,8 @@ log = structlog.get_logger(__name__)
 
 
 class WorkerInputError(ValueError):
-    """A TokenBatch this worker's engine cannot score (tokenizer or length mismatch)."""
+    """A TokenBatch this worker's engine cannot score (another tokenizer or head, too long,
+    token ids outside the vocabulary)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class WorkerSettings:
     cache: CacheSettings | None = None
     # Shell-style patterns a TokenBatch's reply_topic must match; (): topics.reply_patterns().
     reply_topics: tuple[str, ...] = ()
+    # An engine call that takes longer is stuck (a hung GPU): the engine is declared dead.
+    engine_timeout_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -72,6 +76,7 @@ class WorkerStats:
     cache_writes: int = 0
     engine_errors: int = 0
     engine_retries: int = 0  # batches run again after their engine died
+    bisections: int = 0  # failed batches split in two and run again
     batch_sizes: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -83,10 +88,15 @@ class ScoringWorker:
     def __init__(self, settings: WorkerSettings, engines: Sequence[Engine], *,
                  name: str = "worker") -> None:
         self.settings = settings
-        self.pool = EnginePool(engines)
+        self.pool = EnginePool(engines, call_timeout_s=settings.engine_timeout_s)
         self.manifest = self.pool.manifest
         self.cache = (None if settings.cache is None
                       else ResultCache(settings.cache, self.manifest.version))
+        # Token ids are checked against the vocabulary before any engine call, on every
+        # backend (None: engines without an artifact on disk, as in tests).
+        path = getattr(self.pool.engines[0], "path", None)
+        self.vocab_size = (artifact_vocab_size(path) if path is not None
+                           and artifact_tokenizer_json(path).is_file() else None)
         self.batcher = MicroBatcher(settings.batcher)
         self.stats = WorkerStats()
         self.name = name
@@ -162,7 +172,7 @@ class ScoringWorker:
                     await self._dispatcher
             if self._running:
                 await asyncio.wait(self._running)
-            self.pool.close()
+            await self.pool.close()
             if self.cache is not None:
                 await self.cache.close()
 
@@ -181,12 +191,22 @@ class ScoringWorker:
         if tb.tokenizer_id != m.tokenizer_id:
             raise WorkerInputError(f"TokenBatch tokenizer {tb.tokenizer_id} differs from the "
                                    f"engine's {m.tokenizer_id} (model {m.model_id} {m.version})")
+        if tb.head != m.head:  # same tokenizer, other head: pairs vs separate texts
+            raise WorkerInputError(f"TokenBatch tokenized for the {tb.head} head; the engine "
+                                   f"is {m.head} (model {m.model_id} {m.version})")
         # The tokenizer checked it too; a TokenBatch may come from elsewhere.
         check_reply_topic(tb.reply_topic,
                           self.settings.reply_topics or self.settings.topics.reply_patterns())
+        pipeline = self.online if priority == "online" else self.offline
+        if tb.reply_topic is not None:  # before any engine work is spent on it
+            await pipeline.check_topic(tb.reply_topic)
         if tb.max_length > m.max_length:
             raise WorkerInputError(f"TokenBatch max_length {tb.max_length} exceeds the "
                                    f"engine's {m.max_length}")
+        if self.vocab_size is not None and tb.input_ids.size and (
+                (top := int(tb.input_ids.max())) >= self.vocab_size):
+            raise WorkerInputError(f"token id {top} is outside the vocabulary of "
+                                   f"{self.vocab_size} ids (model {m.model_id} {m.version})")
         queued = time.perf_counter()
         outputs = await (await self.batcher.submit(tb, priority))
         inference_done = time.perf_counter()
@@ -199,7 +219,6 @@ class ScoringWorker:
         # Cache first: once a score is visible, asking again is a hit (and the write costs one
         # pipelined round trip). Never fails: the cache bypasses a Redis outage.
         await self._write_cache(tb, outputs, items)
-        pipeline = self.online if priority == "online" else self.offline
         # Split to fit: 200 query embeddings as JSON floats outgrow one message, and the
         # input was fine. Every part is acknowledged before the record counts as finished.
         topic, key = tb.reply_topic or self.settings.topics.scores, tb.batch_id.encode()
@@ -257,14 +276,55 @@ class ScoringWorker:
             self.batcher.fail(await self.batcher.next_batch(), exc)
 
     async def _run_batch(self, slot: Slot, batch: MicroBatch) -> None:
+        """Score `batch` on `slot`, then release the slot. Every sequence of the batch ends
+        delivered or failed, whatever happens (no waiter is left hanging)."""
         try:
-            outputs = await self._run_on(slot, batch)
+            await self._score(slot, batch)
+        except BaseException as exc:  # a bug or a cancellation: fail the waiters, not hang them
+            self.batcher.fail(batch, exc if isinstance(exc, Exception) else EngineDead(
+                "the worker stopped while this batch ran"))
+            raise
+        finally:
+            self.pool.release(slot)
+
+    async def _score(self, slot: Slot, batch: MicroBatch) -> None:
+        try:
+            outputs = await self.pool.run(slot, batch)
+        except EngineDead as exc:
+            if not self.pool.size:
+                self.stats.engine_errors += 1
+                self.batcher.fail(batch, exc)
+                return
+            # The pool took that engine out of service: run the batch on another one.
+            log.warning("engine_dead_retry", slot=slot.index, device=slot.device,
+                        size=batch.size, error=str(exc))
+            self.stats.engine_retries += 1
+            try:
+                retry = await self.pool.acquire()
+            except EngineDead as none_left:
+                self.batcher.fail(batch, none_left)
+                return
+            try:
+                await self._score(retry, batch)
+            finally:
+                self.pool.release(retry)
+            return
         except Exception as exc:
             self.stats.engine_errors += 1
             log.error("engine_failed", slot=slot.index, device=slot.device, size=batch.size,
                       error=str(exc))
-            self.batcher.fail(batch, exc)
-        else:
+            if batch.size == 1:
+                self.batcher.fail(batch, exc)
+                return
+            # One bad input fails only itself: run each half again on this slot (bisect), so
+            # a culprit sequence (or a batch too big for the device right now) fails alone
+            # and its neighbours are scored.
+            self.stats.bisections += 1
+            mid = batch.size // 2
+            for part in (batch.refs[:mid], batch.refs[mid:]):
+                await self._score(slot, MicroBatch(part, batch.priority, batch.formed_at))
+            return
+        try:
             self.stats.batches += 1
             self.stats.sequences += batch.size
             self.stats.batch_sizes.append(batch.size)
@@ -272,23 +332,7 @@ class ScoringWorker:
             self.stats.padded_tokens += longest * batch.size
             self.stats.real_tokens += sum(r.length for r in batch.refs)
             self.batcher.complete(batch, outputs)
-
-    async def _run_on(self, slot: Slot, batch: MicroBatch) -> np.ndarray:
-        """Run `batch` on `slot`, then release it. If the slot's engine died (the pool took
-        it out of service) and slots remain, run the batch once more on another one."""
-        try:
-            return await self.pool.run(slot, batch)
-        except EngineDead as exc:
-            if not self.pool.size:
-                raise
-            log.warning("engine_dead_retry", slot=slot.index, device=slot.device,
-                        size=batch.size, error=str(exc))
-        finally:
-            self.pool.release(slot)
-        self.stats.engine_retries += 1
-        retry = await self.pool.acquire()
-        try:
-            return await self.pool.run(retry, batch)
-        finally:
-            self.pool.release(retry)
-
+        except Exception as exc:  # e.g. outputs of the wrong shape from an engine
+            log.error("batch_results_failed", size=batch.size, error=f"{type(exc).__name__}: "
+                                                                     f"{exc}")
+            self.batcher.fail(batch, exc)

@@ -91,6 +91,10 @@ def worker(
     = _B.capacity,
     group_id: Annotated[str, typer.Option(envvar="QSCORE_WORKER_GROUP", help=(
         "Consumer group (the offline topic uses GROUP.offline)."))] = "qscore-worker",
+    engine_timeout: Annotated[float, typer.Option(envvar="QSCORE_ENGINE_TIMEOUT", min=0.1, help=(
+        "Seconds one engine call may take; a call still running then is stuck (a hung GPU): "
+        "its engine is taken out of service, and with none left the worker stops so a "
+        "restart or another host takes over."))] = 60.0,
 ) -> None:
     """Run a scoring worker: token batches in, scores out (SIGTERM drains and commits)."""
     from engines.manifest import read_manifest
@@ -117,7 +121,7 @@ def worker(
               + ", ".join(f"{e.device} x{e.lanes} lanes" for e in loaded), soft_wrap=True)
     settings = WorkerSettings(
         kafka=kafka, topics=topics, group_id=group_id, cache=service.cache,
-        reply_topics=service.reply_topics,
+        reply_topics=service.reply_topics, engine_timeout_s=engine_timeout,
         batcher=BatcherSettings(max_batch=max_batch, token_budget=token_budget,
                                 max_wait_ms=max_wait_ms, capacity=queue_capacity))
 

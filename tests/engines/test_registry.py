@@ -135,6 +135,46 @@ def test_promote_refuses_missing_corrupt_or_misplaced_versions(
     assert reg.current(MODEL) == a
 
 
+BAD_MODEL_IDS = [".", "..", "", " ", "./", ".hidden", "../up", "..\\up", "a\\..\\..\\b",
+                 "a\x00b", "a\nb"]
+
+
+@pytest.mark.parametrize("model_id", BAD_MODEL_IDS)
+def test_model_ids_that_are_not_one_directory_under_the_root_are_refused(
+        tmp_path: Path, model_id: str) -> None:
+    root = tmp_path / "engines"
+    # What "." and ".." would reach: versions in the root itself, and beside it.
+    for where in (root, tmp_path):
+        _fake(where, "placed", model_id="org/placed")
+        os.replace(model_dir(where, "org/placed") / "placed", where / "victim")
+        (where / CURRENT).write_text("victim\n")
+    reg = EngineRegistry(root)
+    calls = {
+        "model_dir": lambda: model_dir(root, model_id),
+        "current": lambda: reg.current(model_id),
+        "get": lambda: reg.get(model_id, "victim"),
+        "get current": lambda: reg.get(model_id),
+        "promote": lambda: reg.promote(model_id, "victim", smoke=False),
+        "remove": lambda: reg.remove(model_id, "victim", force=True),
+        "list": lambda: reg.list(model_id),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RegistryError, match="is not a valid model id") as info:
+            call()
+        assert repr(model_id) in str(info.value), name
+    assert (root / "victim" / MANIFEST_NAME).is_file()
+    assert (tmp_path / "victim" / MANIFEST_NAME).is_file()
+
+
+@pytest.mark.parametrize("model_id", [MODEL, "name.v1.5", "a..b", "org/..", "org/.x", "-x"])
+def test_unusual_but_contained_model_ids_still_work(tmp_path: Path, model_id: str) -> None:
+    assert model_dir(tmp_path, model_id).parent == tmp_path
+    _fake(tmp_path, "aaaaaaaaaaaa", model_id=model_id)
+    reg = EngineRegistry(tmp_path)
+    reg.promote(model_id, "aaaaaaaaaaaa", smoke=False)
+    assert reg.get(model_id) == model_dir(tmp_path, model_id) / "aaaaaaaaaaaa"
+
+
 def test_remove_refuses_the_current_version_unless_forced(
         two_versions: tuple[EngineRegistry, str, str]) -> None:
     reg, a, b = two_versions

@@ -29,6 +29,7 @@ def test_similarity_layout_and_truncation() -> None:
     first = tb.sequence(0)
     assert first[0] == 101 and first[-1] == 102  # [CLS] ... [SEP]
     assert tb.tokenizer_id == tokenizer_id_of(TOKENIZER)
+    assert tb.head == tok.head == "similarity"
     # What the tokenizer produces is what the wire carries.
     assert decode_token_batch(encode_token_batch(tb)) == tb
 
@@ -43,6 +44,10 @@ def test_pairs_for_classifier() -> None:
     first = tb.token_type_ids[tb.offsets[0]:tb.offsets[1]]
     assert first[0] == 0 and first[-1] == 1  # segment B is the doc
     assert int(tb.token_type_ids[tb.offsets[2]:tb.offsets[3]].max()) == 0
+    # Pairs for an item with docs, no query-alone sequence: a layout of its own, which the
+    # head on the wire tells the decoder (and the worker) to expect.
+    assert tb.head == tok.head == "classifier"
+    assert decode_token_batch(encode_token_batch(tb)) == tb
 
 
 def test_tokenizer_json_settings_do_not_leak() -> None:

@@ -257,3 +257,36 @@ async def test_stop_with_the_broker_gone_ends_within_its_bounds(
         await asyncio.wait_for(pipeline.stop(), 30)
         assert loop.time() - begun < 20
         assert pipeline.tracker.in_flight() == 1  # abandoned, so never committed past
+
+
+async def test_an_output_the_broker_would_always_refuse_dead_letters_instead_of_stopping(
+        kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str) -> None:
+    # Too large (or a topic that does not exist): a redelivery fails the same way, so
+    # stopping would only make a crash loop out of one record.
+    kafka = dataclasses.replace(kafka_settings(kafka_bootstrap), max_message_bytes=4096)
+    source = await create_topic(f"{topic_name}.in")
+    out = await create_topic(f"{topic_name}.out")
+    dead = await create_topic(f"{topic_name}.dead")
+    await _produce(kafka, source, b"huge", b"missing-topic", b"fine", partition=0)
+    pipeline = _pipeline(kafka, source, dead, f"{topic_name}-g", "refused")
+    finished = asyncio.Event()
+
+    async def handler(record: ConsumerRecord) -> None:
+        if record.value == b"huge":
+            await pipeline.publish(out, b"x" * 200_000)  # over the producer's request limit
+        elif record.value == b"missing-topic":
+            await pipeline.check_topic(f"{topic_name}.never-created")
+        else:
+            await pipeline.publish(out, b"ok")
+            finished.set()
+
+    await pipeline.start()
+    run = asyncio.create_task(pipeline.run(handler))
+    try:
+        await asyncio.wait_for(finished.wait(), TIMEOUT)
+    finally:
+        pipeline.request_stop()
+        await asyncio.wait_for(run, TIMEOUT)  # raises PipelineError had it stopped
+        await pipeline.stop()
+    assert pipeline.failure is None and pipeline.stats.dead_letters == 2
+    assert pipeline.stats.finished == 3

@@ -134,7 +134,8 @@ ITEMS = (QueryItem(id="q1", query="how to boil an egg",
 
 async def test_query_batches_become_token_batches_online_and_offline(
         kafka: KafkaSettings, topics: Topics, default_engine_path: Path,
-        manifest: Manifest) -> None:
+        manifest: Manifest, create_topic: CreateTopic) -> None:
+    await create_topic(f"{topics.scores}.mine")  # a reply topic must exist
     now = time.time()
     online = QueryBatch("on-1", ITEMS, submitted_at=now, reply_topic=f"{topics.scores}.mine")
     by_priority = QueryBatch("off-1", ITEMS[:1], submitted_at=now, priority="offline")
@@ -248,9 +249,13 @@ async def test_poison_messages_are_dead_lettered_and_committed_past(
 
 
 async def test_a_foreign_reply_topic_is_dead_lettered_and_never_created(
-        kafka: KafkaSettings, topics: Topics, default_engine_path: Path) -> None:
+        kafka: KafkaSettings, topics: Topics, default_engine_path: Path,
+        create_topic: CreateTopic) -> None:
+    await create_topic(f"{topics.scores}.team-a")
     now = time.time()
-    foreign = [f"no-such-topic-{uuid.uuid4().hex[:8]}", "__consumer_offsets", topics.tokens]
+    # Outside the allow-list, internal, another stage's, and allowed but never created.
+    foreign = [f"no-such-topic-{uuid.uuid4().hex[:8]}", "__consumer_offsets", topics.tokens,
+               f"{topics.scores}.missing"]
     batches = [QueryBatch(f"bad-{i}", ITEMS, submitted_at=now, reply_topic=t)
                for i, t in enumerate(foreign)]
     allowed = QueryBatch("ok", ITEMS, submitted_at=now, reply_topic=f"{topics.scores}.team-a")
@@ -263,7 +268,9 @@ async def test_a_foreign_reply_topic_is_dead_lettered_and_never_created(
 
     letters = [decode_dead_letter(r.value) for r in await _read(kafka, topics.dead_letter,
                                                                  len(foreign))]
-    assert sorted(d.error_rule for d in letters) == ["forbidden_topic"] * len(foreign)
+    assert sorted(d.error_rule or "" for d in letters) == ["", *["forbidden_topic"] * 3]
+    (missing,) = [d for d in letters if d.error_rule is None]
+    assert "does not exist" in missing.reason
     assert all(d.stage == "ingest" for d in letters)
     assert sorted(d.original for d in letters) == sorted(encode_query_batch(b) for b in batches)
     (record,) = await _read(kafka, topics.tokens, 1)
@@ -271,7 +278,8 @@ async def test_a_foreign_reply_topic_is_dead_lettered_and_never_created(
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
     try:
-        assert foreign[0] not in await admin.list_topics()
+        existing = await admin.list_topics()
+        assert foreign[0] not in existing and f"{topics.scores}.missing" not in existing
     finally:
         await admin.close()
 

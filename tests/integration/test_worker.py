@@ -220,3 +220,39 @@ async def test_a_token_batch_with_a_foreign_reply_topic_is_dead_lettered_not_sen
     (scores,) = [decode_score_batch(v) for v in await read_all(
         kafka_bootstrap, f"{topics.scores}.team-a", 1)]
     assert scores.batch_id == "fine" and worker.stats.messages == 1
+
+
+async def test_token_ids_outside_the_vocabulary_dead_letter_only_their_batch(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path) -> None:
+    # Checked before any engine call: on a GPU an id past the embedding table reads out of
+    # bounds instead of failing, and on CPU it would fail a whole micro-batch.
+    topics = Topics.with_prefix(topic_name)
+    for name in topics.all():
+        await create_topic(name, partitions=1)
+    engine = load_engine(default_engine_path, threads=2)
+    good = tokenize(engine, ITEMS, "good")
+    ids = good.input_ids.copy()
+    ids[1] = 10**6
+    bad = replace(tokenize(engine, ITEMS, "bad"), input_ids=ids)
+    producer = make_producer(kafka(kafka_bootstrap))
+    await producer.start()
+    try:
+        for tb in (bad, good):
+            await producer.send_and_wait(topics.tokens, encode_token_batch(tb),
+                                         key=tb.batch_id.encode())
+    finally:
+        await producer.stop()
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                                          group_id=f"{topic_name}-w"), [engine])
+    await worker.start()
+    try:
+        await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
+    finally:
+        await worker.stop()
+    (letter,) = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
+                                                              topics.dead_letter, 1)]
+    assert letter.stage == "score" and "outside the vocabulary" in letter.reason
+    (scores,) = [decode_score_batch(v) for v in await read_all(kafka_bootstrap,
+                                                               topics.scores, 1)]
+    assert scores.batch_id == "good" and worker.stats.engine_errors == 0

@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from schemas import (
+    HEADS,
     PRIORITIES,
     STAGES,
     DeadLetter,
@@ -92,18 +93,25 @@ dead_letters = st.builds(
 )
 
 
+def item_layout(head: str, n_docs: int) -> list[int]:
+    """seq_doc of one item as QueryTokenizer writes it (the decoder's seq_layout rule)."""
+    if head == "similarity":
+        return [-1, *range(n_docs)]
+    return list(range(n_docs)) if n_docs else [-1]
+
+
 @st.composite
 def token_batches(draw: st.DrawFn) -> TokenBatch:
-    """Unique (item, doc) sequences; ids small (u16 on the wire) or up to 2**32-1 (u32)."""
+    """Sequences laid out as the tokenizer writes them for a drawn head (grouped by item, in
+    order, -1 for the query alone, docs 0..n-1); ids small (u16 on the wire) or up to 2**32-1
+    (u32)."""
+    head = draw(st.sampled_from(HEADS))
     item_ids = draw(st.lists(ids, min_size=1, max_size=5, unique=True))
-    pairs = draw(
-        st.lists(
-            st.tuples(st.integers(0, len(item_ids) - 1), st.integers(-1, 7)),
-            min_size=1,
-            max_size=12,
-            unique=True,
-        )
-    )
+    pairs = [
+        (item, doc)
+        for item in range(len(item_ids))
+        for doc in item_layout(head, draw(st.integers(0, 3)))
+    ]
     max_length = draw(st.integers(1, 64))
     top = draw(st.sampled_from([30_521, 2**16 - 1, 2**16, 2**32 - 1]))
     seqs = [draw(st.lists(st.integers(0, top), min_size=1, max_size=max_length)) for _ in pairs]
@@ -117,6 +125,7 @@ def token_batches(draw: st.DrawFn) -> TokenBatch:
         batch_id=draw(ids),
         item_ids=tuple(item_ids),
         tokenizer_id=draw(non_blank),
+        head=head,
         max_length=max_length,
         seq_item=np.array([p[0] for p in pairs], dtype=np.uint32),
         seq_doc=np.array([p[1] for p in pairs], dtype=np.int32),

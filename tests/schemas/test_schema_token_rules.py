@@ -18,20 +18,23 @@ from schemas import (
     encode_token_batch,
     pack_sequences,
 )
+from schemas.tokens import VERSION
 
 PREFIX = struct.Struct("<4sHI")
 
 
 def make(seqs: list[list[int]] | None = None, **overrides: Any) -> TokenBatch:
+    """One item per sequence, each a query alone (a valid layout for either head)."""
     seqs = seqs if seqs is not None else [[101, 7592, 102], [101, 7592, 102, 2460, 102]]
     offsets, ids = pack_sequences(seqs)
     fields: dict[str, Any] = {
         "batch_id": "b1",
-        "item_ids": ("q1", "q2"),
+        "item_ids": tuple(f"q{i + 1}" for i in range(max(1, len(seqs)))),
         "tokenizer_id": "bert-base-uncased@abc",
+        "head": "similarity",
         "max_length": 8,
-        "seq_item": np.arange(len(seqs)) % 2,
-        "seq_doc": np.arange(len(seqs)) // 2 - 1,
+        "seq_item": np.arange(len(seqs)),
+        "seq_doc": np.full(len(seqs), -1),
         "offsets": offsets,
         "input_ids": ids,
         "token_type_ids": None,
@@ -53,7 +56,7 @@ def with_header(data: bytes, **changes: Any) -> bytes:
     header.update(changes)
     raw = orjson.dumps(header)
     raw += b" " * ((-(PREFIX.size + len(raw))) % 4)
-    return PREFIX.pack(b"QSTB", 1, len(raw)) + raw + data[start:]
+    return PREFIX.pack(b"QSTB", VERSION, len(raw)) + raw + data[start:]
 
 
 def patch(data: bytes, array: str, index: int, value: int) -> bytes:
@@ -75,13 +78,14 @@ def rejects(data: bytes, field: str, rule: str, limits: Limits | None = None) ->
 
 def test_layout() -> None:
     data = encode_token_batch(make())
-    assert data[:4] == b"QSTB" and struct.unpack_from("<H", data, 4) == (1,)
+    assert data[:4] == b"QSTB" and struct.unpack_from("<H", data, 4) == (2,)
     header, start = split(data)
     assert start % 4 == 0
     assert header == {
         "batch_id": "b1",
         "item_ids": ["q1", "q2"],
         "tokenizer_id": "bert-base-uncased@abc",
+        "head": "similarity",
         "max_length": 8,
         "submitted_at": 1_700_000_000.0,
         "reply_topic": None,
@@ -190,12 +194,13 @@ def test_truncated_buffer() -> None:
 def test_magic_version_and_header() -> None:
     data = encode_token_batch(make())
     rejects(b"QSTX" + data[4:], "$", "magic")
-    rejects(data[:4] + struct.pack("<H", 2) + data[6:], "$", "version")
-    rejects(PREFIX.pack(b"QSTB", 1, 3) + b"{} ", "header", "padding")
-    rejects(PREFIX.pack(b"QSTB", 1, 6) + b"{nope}", "header", "json")
-    rejects(PREFIX.pack(b"QSTB", 1, 6) + b'"\xff"   ', "header", "utf-8")
-    rejects(PREFIX.pack(b"QSTB", 1, 2) + b"{}", "header.batch_id", "required")
-    rejects(PREFIX.pack(b"QSTB", 1, 6) + b"[]    ", "header", "type")
+    rejects(data[:4] + struct.pack("<H", 3) + data[6:], "$", "version")
+    rejects(data[:4] + struct.pack("<H", 1) + data[6:], "$", "version")  # no head: refused
+    rejects(PREFIX.pack(b"QSTB", VERSION, 3) + b"{} ", "header", "padding")
+    rejects(PREFIX.pack(b"QSTB", VERSION, 6) + b"{nope}", "header", "json")
+    rejects(PREFIX.pack(b"QSTB", VERSION, 6) + b'"\xff"   ', "header", "utf-8")
+    rejects(PREFIX.pack(b"QSTB", VERSION, 2) + b"{}", "header.batch_id", "required")
+    rejects(PREFIX.pack(b"QSTB", VERSION, 6) + b"[]    ", "header", "type")
     rejects(with_header(data, extra=1), "header", "unknown_key")
     rejects(with_header(data, n_seq="2"), "n_seq", "type")
     rejects(with_header(data, id_width=3), "id_width", "range")
@@ -207,7 +212,9 @@ def test_magic_version_and_header() -> None:
     raw = orjson.dumps(header)
     raw += b" " * ((-(PREFIX.size + len(raw))) % 4)
     rejects(
-        PREFIX.pack(b"QSTB", 1, len(raw)) + raw + data[start:], "header.tokenizer_id", "required"
+        PREFIX.pack(b"QSTB", VERSION, len(raw)) + raw + data[start:],
+        "header.tokenizer_id",
+        "required",
     )
 
 

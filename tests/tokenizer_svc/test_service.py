@@ -131,6 +131,8 @@ def test_encode_to_fit_splits_by_size_and_keeps_everything(pairs: bool) -> None:
     tbs = [decode_token_batch(m, limits) for m in split.messages]
     assert {tb.batch_id for tb in tbs} == {"big"}
     assert all(tb.priority == "offline" and tb.submitted_at == 5.0 for tb in tbs)
+    # Every part says which head it was tokenized for, so no worker of the other head takes it.
+    assert {tb.head for tb in tbs} == {reference.head} == {"classifier" if pairs else "similarity"}
     assert [i for tb in tbs for i in tb.item_ids] == [it.id for it in items]  # order kept
     assert _per_item(tbs) == _per_item([reference])
     assert split.sequences == reference.n_sequences
@@ -185,5 +187,6 @@ async def test_pool_tokenizes_off_the_loop_and_survives_a_dead_process() -> None
         assert pool.restarts == 1 and pool.pids != [pid]
         (tb,) = [decode_token_batch(m) for m in result.messages]
         assert tb.item_ids == ("a", "b", "c") and tb.cache_keys is not None
+        assert tb.head == "similarity"  # from spec.pairs, in the tokenizer process
     finally:
         await pool.close()

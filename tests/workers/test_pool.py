@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -86,7 +87,7 @@ async def test_slots_are_engine_lanes() -> None:
     assert [(s.engine, s.lane, s.device) for s in pool.slots] == [
         (0, 0, "cuda:0"), (0, 1, "cuda:0"), (1, 0, "cuda:1"), (1, 1, "cuda:1"),
         (2, 0, "cuda:2"), (2, 1, "cuda:2")]
-    pool.close()
+    await pool.close()
 
 
 async def test_older_engines_without_lanes_or_device_get_one_cpu_slot() -> None:
@@ -94,7 +95,7 @@ async def test_older_engines_without_lanes_or_device_get_one_cpu_slot() -> None:
     del engine.lanes, engine.device
     pool = EnginePool([engine, FakeEngine(1, "cpu", lanes=1)])
     assert [(s.engine, s.lane, s.device) for s in pool.slots] == [(0, 0, "cpu"), (1, 0, "cpu")]
-    pool.close()
+    await pool.close()
 
 
 async def test_consecutive_batches_spread_over_devices_before_second_lanes() -> None:
@@ -103,7 +104,7 @@ async def test_consecutive_batches_spread_over_devices_before_second_lanes() -> 
     assert [s.device for s in slots[:3]] == ["cuda:0", "cuda:1", "cuda:2"]
     assert [s.lane for s in slots[:3]] == [0, 0, 0]
     assert sorted(s.index for s in slots) == list(range(6)) and pool.busy() == 6
-    pool.close()
+    await pool.close()
 
 
 async def test_acquire_waits_while_every_slot_is_busy_until_a_release() -> None:
@@ -118,7 +119,7 @@ async def test_acquire_waits_while_every_slot_is_busy_until_a_release() -> None:
     pool.release(slots[0])
     with pytest.raises(ValueError, match="not held"):
         pool.release(slots[0])
-    pool.close()
+    await pool.close()
 
 
 async def test_least_loaded_device_by_busy_lanes() -> None:
@@ -129,7 +130,7 @@ async def test_least_loaded_device_by_busy_lanes() -> None:
     d = await pool.acquire()  # all three have one busy lane: lowest free index
     assert (d.device, d.lane) == ("cuda:0", 1)
     assert (await pool.acquire()).device == "cuda:1"  # cuda:0 now has two busy lanes
-    pool.close()
+    await pool.close()
 
 
 async def test_equal_busy_lanes_break_ties_by_sequences_in_flight() -> None:
@@ -147,7 +148,7 @@ async def test_equal_busy_lanes_break_ties_by_sequences_in_flight() -> None:
     for engine in engines:
         engine.gate.set()
     await asyncio.gather(*runs)
-    pool.close()
+    await pool.close()
 
 
 async def test_run_passes_the_slots_lane_on_that_lanes_thread() -> None:
@@ -159,7 +160,7 @@ async def test_run_passes_the_slots_lane_on_that_lanes_thread() -> None:
         lane, thread = engines[slot.engine].calls[-1]
         assert lane == slot.lane
         assert thread.startswith(f"qscore-engine-{slot.engine}-lane-{slot.lane}")
-    pool.close()
+    await pool.close()
 
 
 async def test_lanes_of_one_engine_run_concurrently_on_different_threads() -> None:
@@ -172,7 +173,7 @@ async def test_lanes_of_one_engine_run_concurrently_on_different_threads() -> No
     assert out0.tolist() == [[0, 0]] and out1.tolist() == [[0, 1]]
     assert sorted(lane for lane, _ in engine.calls) == [0, 1]
     assert len({thread for _, thread in engine.calls}) == 2
-    pool.close()
+    await pool.close()
 
 
 async def test_per_device_stats_add_up() -> None:
@@ -196,7 +197,7 @@ async def test_per_device_stats_add_up() -> None:
     assert counters["cuda_1_sequences"] == pool.device_stats["cuda:1"].sequences
     assert set(counters) == {f"cuda_{i}_{k}" for i in range(3)
                              for k in ("batches", "sequences", "busy_s")}
-    pool.close()
+    await pool.close()
 
 
 async def test_engine_dead_takes_its_lanes_out_of_service() -> None:
@@ -226,7 +227,7 @@ async def test_engine_dead_takes_its_lanes_out_of_service() -> None:
     assert not waiter.done()
     pool.release(again[0])
     assert (await asyncio.wait_for(waiter, WAIT_S)).device != "cuda:1"
-    pool.close()
+    await pool.close()
     assert all(e.closed for e in engines)
 
 
@@ -242,7 +243,7 @@ async def test_plain_engine_error_keeps_the_slot_in_service() -> None:
     engine.error = None
     slot = await pool.acquire()
     assert (await pool.run(slot, FakeBatch(1))).tolist() == [[0, 0]]  # type: ignore[arg-type]
-    pool.close()
+    await pool.close()
 
 
 async def test_all_engines_dead_acquire_raises_and_wakes_waiters() -> None:
@@ -263,7 +264,7 @@ async def test_all_engines_dead_acquire_raises_and_wakes_waiters() -> None:
     with pytest.raises(EngineDead, match="all 2 engines"):
         await pool.acquire()
     assert pool.size == 0
-    pool.close()
+    await pool.close()
 
 
 def test_engines_of_different_versions_are_refused() -> None:
@@ -303,7 +304,7 @@ async def _shutdown(worker) -> None:  # type: ignore[no-untyped-def]
         await worker._dispatcher
     if worker._running:
         await asyncio.wait(worker._running)
-    worker.pool.close()
+    await worker.pool.close()
     for pipeline in (worker.online, worker.offline):  # never started: this only closes them
         await pipeline.consumer.stop()
         await pipeline.producer.stop()
@@ -352,3 +353,58 @@ async def test_worker_with_no_engine_left_fails_its_work_and_stops() -> None:
         assert worker.offline._stopping.is_set() and worker.stats.engine_errors == 1
     finally:
         await _shutdown(worker)
+
+
+class PickyEngine(FakeEngine):
+    """Fails any batch holding token id 999 (as ONNX Runtime fails an id past the vocabulary)."""
+
+    def run(self, batch: PaddedBatch, lane: int = 0) -> np.ndarray:
+        if (np.asarray(batch.input_ids) == 999).any():
+            self.calls.append((lane, "refused"))
+            raise EngineError("token id 999 is out of the vocabulary")
+        return super().run(batch, lane)
+
+
+async def test_a_failing_batch_is_bisected_so_only_the_culprit_token_batch_fails() -> None:
+    engine = PickyEngine(0, "cpu", lanes=1)
+    worker = await _worker([engine])  # type: ignore[list-item]
+    try:
+        engine.gate.clear()  # hold the only lane, so the next three share one micro-batch
+        blocker = await worker.batcher.submit(_tb([2], "blocker"))
+        await entered(engine)
+        good1 = await worker.batcher.submit(_tb([2, 2], "good1"))
+        bad = await worker.batcher.submit(
+            replace(_tb([2, 2], "bad"), input_ids=np.array([1, 999, 1, 1], dtype=np.uint32)))
+        good2 = await worker.batcher.submit(_tb([2, 2], "good2"))
+        engine.gate.set()
+        await asyncio.wait_for(blocker, WAIT_S)
+        assert (await asyncio.wait_for(good1, WAIT_S)).shape == (2, 2)
+        assert (await asyncio.wait_for(good2, WAIT_S)).shape == (2, 2)
+        with pytest.raises(EngineError, match="out of the vocabulary"):
+            await asyncio.wait_for(bad, WAIT_S)
+        assert worker.stats.bisections >= 2 and worker.stats.engine_errors >= 3
+        assert worker.pool.busy() == 1  # every slot released; the dispatcher holds one again
+    finally:
+        await _shutdown(worker)
+
+
+async def test_a_call_that_never_returns_declares_its_engine_dead_and_close_does_not_wait(
+        ) -> None:
+    stuck, healthy = FakeEngine(0, "cuda:0", lanes=1), FakeEngine(1, "cuda:1", lanes=1)
+    stuck.gate.clear()  # its call hangs, as a hung GPU call would
+    pool = EnginePool([stuck, healthy], call_timeout_s=0.2)
+    slot = await pool.acquire()
+    assert slot.engine == 0
+    with pytest.raises(EngineDead, match="did not return within 0.2 s"):
+        await asyncio.wait_for(pool.run(slot, FakeBatch(2)), WAIT_S)
+    pool.release(slot)
+    assert pool.dead == {0} and pool.size == 1
+    other = await pool.acquire()
+    assert other.engine == 1  # the healthy engine keeps serving
+    pool.release(other)
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    await asyncio.wait_for(pool.close(timeout_s=WAIT_S), WAIT_S)
+    assert loop.time() - begun < WAIT_S / 2  # did not wait for the stuck call
+    assert healthy.closed and not stuck.closed  # never free a device under a running call
+    stuck.gate.set()  # let the thread end
