@@ -37,7 +37,7 @@ from qscore.cli.options import (
     engine_settings,
 )
 from qscore.cli.output import RateColumn, err, fail, print_summary
-from qscore.offline.rescore import DEFAULT_CHUNK_ITEMS, RescoreSettings
+from qscore.offline.rescore import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_ITEMS, RescoreSettings
 from schemas import Limits
 from workers.scoring import BatchLimits
 
@@ -72,6 +72,10 @@ def rescore(
         "Max padded tokens (count x longest) per engine call."))] = _BATCH.token_budget,
     chunk_items: Annotated[int, typer.Option(envvar="QSCORE_CHUNK_ITEMS", min=1, help=(
         "Items tokenized and length-sorted together."))] = DEFAULT_CHUNK_ITEMS,
+    chunk_bytes: Annotated[int, typer.Option(envvar="QSCORE_CHUNK_BYTES", min=1, help=(
+        "Input bytes tokenized together, at most: a window closes at --chunk-items or "
+        "this, whichever comes first (bounds memory)."))]
+    = DEFAULT_CHUNK_BYTES,
     max_query_chars: Annotated[int, typer.Option(envvar="QSCORE_MAX_QUERY_CHARS", min=1)]
     = _DEFAULT.max_query_chars,
     max_doc_chars: Annotated[int, typer.Option(envvar="QSCORE_MAX_DOC_CHARS", min=1)]
@@ -98,7 +102,8 @@ def rescore(
                                 precision=precision, backend=backend,
                                 devices=device_list(device), lanes=streams, graphs=graphs),
         batch=BatchLimits(max_batch=batch_size, token_budget=token_budget),
-        limits=limits, chunk_items=chunk_items, fmt=fmt, progress=progress)
+        limits=limits, chunk_items=chunk_items, chunk_bytes=chunk_bytes, fmt=fmt,
+        progress=progress)
     if fmt not in ("auto", "jsonl", "tsv"):
         raise typer.BadParameter(f"--format must be auto, jsonl or tsv, not {fmt!r}")
     try:

@@ -3,12 +3,15 @@
 It runs the fleet's own components (QueryTokenizer -> TokenBatch -> length-sorted,
 token-budgeted micro-batches -> Engine -> per-item scores) over a query log, keeps input order,
 and sends every malformed line to OUTPUT.rejected.jsonl with its line number and reason.
-Tokenizing chunk n+1 overlaps scoring chunk n (both release the GIL), as TEI prefetches one.
+Tokenizing window n+1 overlaps scoring window n (both release the GIL), as TEI prefetches one.
+
+Memory: at most two windows exist at once, and a window closes at `chunk_items` lines or once
+its good lines reach `chunk_bytes`, whichever comes first. A rejected line (raw bytes up to
+max_message_bytes) is written out as soon as it is read, never held in a window.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +35,7 @@ log = structlog.get_logger(__name__)
 OnProgress = Callable[[int], None]  # called with the number of input lines just finished
 
 DEFAULT_CHUNK_ITEMS = 2048
+DEFAULT_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,9 @@ class RescoreSettings:
     # Items tokenized and length-sorted together: a wider window pads less (the long tail of
     # each window shares a batch); the next window tokenizes while this one is scored.
     chunk_items: int = DEFAULT_CHUNK_ITEMS
+    # ...and a window closes early once its good lines reach this many bytes, so that a log of
+    # long lines (up to limits.max_message_bytes each) cannot make two windows of gigabytes.
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     fmt: str = "auto"
     progress: bool = True
 
@@ -92,23 +99,51 @@ class RescoreSummary:
 
 
 @dataclass(slots=True)
-class _Chunk:
-    records: list[LogRecord]
-    token_batch: TokenBatch | None
+class _Window:
+    lines: list[int]  # the line number of each item
+    items: list[QueryItem]
+    last_line: int  # the last line it covers, rejected ones included
+    token_batch: TokenBatch | None = None
 
 
-def _chunks(records: Iterator[LogRecord], size: int) -> Iterator[list[LogRecord]]:
-    while chunk := list(itertools.islice(records, size)):
-        yield chunk
+def _reject(record: LogRecord, rej: IO[bytes]) -> None:
+    rej.write(orjson.dumps({
+        "line": record.line, "reason": record.error,
+        "raw": record.raw.decode("utf-8", errors="replace").rstrip("\r\n"),
+    }) + b"\n")
 
 
-def _tokenize(tokenizer: QueryTokenizer, records: list[LogRecord], number: int) -> _Chunk:
-    items: list[QueryItem] = [r.item for r in records if r.item is not None]
-    tb = None
-    if items:
-        tb = tokenizer.token_batch(f"rescore-{number}", items, submitted_at=time.time(),
-                                   priority="offline")
-    return _Chunk(records=records, token_batch=tb)
+def _windows(records: Iterator[LogRecord], settings: RescoreSettings, rej: IO[bytes],
+             summary: RescoreSummary) -> Iterator[_Window]:
+    """Good lines in windows of at most `chunk_items` lines (rejected ones counted, as a window
+    is also a step of progress) and `chunk_bytes` bytes of good lines (at least one item);
+    rejected lines go straight to `rej`."""
+    window = _Window([], [], 0)
+    n_lines = n_bytes = 0
+    for record in records:
+        window.last_line = record.line
+        n_lines += 1
+        if record.item is None:
+            summary.rejected += 1
+            _reject(record, rej)
+        else:
+            window.lines.append(record.line)
+            window.items.append(record.item)
+            n_bytes += len(record.raw)
+        if n_lines >= settings.chunk_items or n_bytes >= settings.chunk_bytes:
+            yield window
+            window = _Window([], [], 0)
+            n_lines = n_bytes = 0
+    if n_lines:
+        yield window
+
+
+def _tokenize(tokenizer: QueryTokenizer, window: _Window, number: int) -> _Window:
+    if window.items:
+        window.token_batch = tokenizer.token_batch(f"rescore-{number}", window.items,
+                                                   submitted_at=time.time(),
+                                                   priority="offline")
+    return window
 
 
 def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer,
@@ -126,17 +161,16 @@ def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer
     prev_line = 0
     with (out_tmp.open("wb") as out, rej_tmp.open("wb") as rej,
           ThreadPoolExecutor(1, thread_name_prefix="qscore-tokenize") as pool):
-        chunks = enumerate(_chunks(records, settings.chunk_items))
-        pending: Future[_Chunk] | None = None
-        for number, chunk in chunks:
-            ready = pool.submit(_tokenize, tokenizer, chunk, number)
+        windows = enumerate(_windows(records, settings, rej, summary))
+        pending: Future[_Window] | None = None
+        for number, window in windows:
+            ready = pool.submit(_tokenize, tokenizer, window, number)
             if pending is not None:
-                prev_line = _finish(pending.result(), engine, settings, summary, out, rej,
+                prev_line = _finish(pending.result(), engine, settings, summary, out,
                                     prev_line, on_progress)
             pending = ready
         if pending is not None:
-            _finish(pending.result(), engine, settings, summary, out, rej, prev_line,
-                    on_progress)
+            _finish(pending.result(), engine, settings, summary, out, prev_line, on_progress)
     summary.seconds = time.perf_counter() - started
     # Readers never see a half-written output: it appears whole, or the old one stays.
     os.replace(out_tmp, settings.output)
@@ -145,14 +179,13 @@ def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer
     return summary
 
 
-def _finish(chunk: _Chunk, engine: Engine, settings: RescoreSettings, summary: RescoreSummary,
-            out: IO[bytes], rej: IO[bytes], prev_line: int,
+def _finish(window: _Window, engine: Engine, settings: RescoreSettings,
+            summary: RescoreSummary, out: IO[bytes], prev_line: int,
             on_progress: OnProgress | None) -> int:
     scored = iter(())
-    tb = chunk.token_batch
+    tb = window.token_batch
     truncated_by_item: np.ndarray | None = None
-    last_line = chunk.records[-1].line if chunk.records else prev_line
-    span = last_line - prev_line
+    span = window.last_line - prev_line
     reported = done = 0
     if tb is not None:
         n_sequences = tb.n_sequences
@@ -177,17 +210,9 @@ def _finish(chunk: _Chunk, engine: Engine, settings: RescoreSettings, summary: R
         truncated_by_item = np.bincount(tb.seq_item[tb.truncated],
                                          minlength=len(tb.item_ids))
         summary.truncated_items += int(np.count_nonzero(truncated_by_item))
-    index = 0
-    for record in chunk.records:
-        if record.item is None:
-            summary.rejected += 1
-            rej.write(orjson.dumps({
-                "line": record.line, "reason": record.error,
-                "raw": record.raw.decode("utf-8", errors="replace").rstrip("\r\n"),
-            }) + b"\n")
-            continue
+    for index, line_number in enumerate(window.lines):
         score = next(scored)
-        line = {"id": score.id, "line": record.line, "scores": score.scores,
+        line = {"id": score.id, "line": line_number, "scores": score.scores,
                 "model_id": summary.model_id, "model_version": score.model_version}
         if truncated_by_item is not None and truncated_by_item[index]:
             line["truncated"] = True
@@ -195,7 +220,6 @@ def _finish(chunk: _Chunk, engine: Engine, settings: RescoreSettings, summary: R
             line["embedding"] = score.embedding
         out.write(orjson.dumps(line) + b"\n")
         summary.items += 1
-        index += 1
     if on_progress is not None and span > reported:
         on_progress(span - reported)
-    return last_line
+    return window.last_line

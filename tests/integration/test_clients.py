@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 import qscore.client
 from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from qscore.cli.app import app
-from qscore.client import QueryProducer, ScoreConsumer, ScoresTimeout
+from qscore.client import QueryProducer, ScoreConsumer, ScoresHandedOut, ScoresTimeout
 from schemas import (
     ItemScore,
     QueryBatch,
@@ -140,18 +140,23 @@ async def test_consumer_drops_redelivered_scores(
 async def test_wait_for_returns_all_items_or_says_what_is_missing(
     settings: KafkaSettings, topics: Topics, consumer: ScoreConsumer
 ) -> None:
-    await _publish_raw(settings, topics.scores, encode_score_batch(_scores("B", "q1")))
-    await consumer.wait_for("B", ["q1"], timeout=TIMEOUT)  # q1 has been read, however slowly
+    await _publish_raw(settings, topics.scores, encode_score_batch(_scores("B", "q1")),
+                       encode_score_batch(_scores("S", "s1")))
+    await consumer.wait_for("S", ["s1"], timeout=TIMEOUT)  # B/q1 read, kept for iteration
     # q2 is not published until after this wait, so its timeout expires whatever the speed,
-    # and the q1 seen before the call counts: exactly one of two is missing.
+    # and the q1 that arrived before the call counts: exactly one of two is missing.
     with pytest.raises(ScoresTimeout, match=r"1 of 2 item scores missing .* 'B': \['q2'\]") as e:
         await consumer.wait_for("B", ["q1", "q2"], timeout=0.2)
     assert e.value.missing == {"B": {"q2"}} and set(e.value.received["B"]) == {"q1"}
+    # q1 was handed out (in the error) and is not kept: waiting for it again cannot succeed.
+    with pytest.raises(ScoresHandedOut) as gone:
+        await consumer.wait_for("B", ["q1", "q2"], timeout=TIMEOUT)
+    assert gone.value.handed_out == {"B": {"q1"}}
 
-    # The late item completes the batch; the one seen before still counts.
+    # The late item completes the batch for a wait on what is still missing.
     await _publish_raw(settings, topics.scores, encode_score_batch(_scores("B", "q2")))
-    scores = await consumer.wait_for("B", ["q1", "q2"], timeout=TIMEOUT)
-    assert sorted(scores) == ["q1", "q2"] and scores["q2"].scores == (0.25, 0.75)
+    scores = await consumer.wait_for("B", e.value.missing["B"], timeout=TIMEOUT)
+    assert sorted(scores) == ["q2"] and scores["q2"].scores == (0.25, 0.75)
 
 
 async def test_collect_many_batches_at_once(
@@ -214,6 +219,27 @@ async def test_group_consumer_commits_only_what_it_handed_out(
     async with ScoreConsumer(settings, topics, **options) as consumer:
         again = await asyncio.wait_for(anext(aiter(consumer)), TIMEOUT)
         assert again.batch_id == "g1"
+
+
+async def test_full_iteration_buffer_loses_nothing_across_a_restart(
+    settings: KafkaSettings, topics: Topics, kafka_consumer_options: dict[str, Any]
+) -> None:
+    group = f"{topics.scores}-group"
+    names = [f"g{n}" for n in range(6)]
+    await _publish_raw(settings, topics.scores,
+                       *(encode_score_batch(_scores(b, "q1")) for b in names))
+    options = {"consumer_options": kafka_consumer_options, "group_id": group, "max_unread": 2}
+    async with ScoreConsumer(settings, topics, **options) as consumer:
+        # g5 is behind four batches nobody waits for, two more than the buffer takes.
+        await consumer.wait_for("g5", ["q1"], timeout=TIMEOUT)
+        got = [(await asyncio.wait_for(anext(aiter(consumer)), TIMEOUT)).batch_id
+               for _ in range(2)]
+        assert got == ["g0", "g1"]
+        await consumer.commit()  # g2-g4 were never handed out: the commit stops before them
+    async with ScoreConsumer(settings, topics, **options) as consumer:
+        rest = [(await asyncio.wait_for(anext(aiter(consumer)), TIMEOUT)).batch_id
+                for _ in range(4)]
+        assert rest == ["g2", "g3", "g4", "g5"]  # g5 again: at least once
 
 
 # -- commands -----------------------------------------------------------------------------------

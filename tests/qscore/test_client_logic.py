@@ -140,13 +140,18 @@ def test_timeout_error_says_what_is_missing() -> None:
     assert "1 of 3 item scores missing after 1.5s" in str(exc) and "'b1'" in str(exc)
 
 
-def test_iteration_buffer_is_bounded() -> None:
+def test_iteration_buffer_is_bounded_and_defers_instead_of_dropping() -> None:
     book = ScoreBook(max_unread=2)
     for n in range(3):
         book.add(_scores(f"b{n}", "q1"), ref=("tp", n))
-    assert book.stats.unread_dropped == 1
-    assert book.unread_refs() == [("tp", 1), ("tp", 2)]
-    assert [b for b, _ in _drain(book)] == ["b1", "b2"]
+    book.add(_scores("other", "q1"), ref=("tp2", 0))  # full: deferred on any partition
+    assert book.stats.deferred == 2 and book.unread_refs() == [("tp", 0), ("tp", 1)]
+    assert book.resume_offsets() == {"tp": 0, "tp2": 0}
+    assert book.take_seeks() == {}  # not while iteration still has batches to take
+    assert [b for b, _ in _drain(book)] == ["b0", "b1"]
+    assert book.resume_offsets() == {"tp": 2, "tp2": 0}  # the deferred ones still hold back
+    assert book.take_seeks() == {"tp": 2, "tp2": 0}  # read them again
+    assert book.add(_scores("b2", "q1"), ref=("tp", 2)) is not None  # not seen: no duplicate
 
 
 # -- producer input checks (no broker: they come before any I/O) --------------------------------
@@ -214,7 +219,8 @@ class _FakeKafkaConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
 
-    async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[SimpleNamespace]]:
+    async def getmany(self, timeout_ms: int, max_records: int | None = None,
+                      ) -> dict[TopicPartition, list[SimpleNamespace]]:
         values, self.next_poll = self.next_poll, []
         tp = TopicPartition("scores", 0)
         return {tp: [SimpleNamespace(offset=n, value=v) for n, v in enumerate(values)]}
@@ -292,6 +298,8 @@ def test_kafka_settings_refuse_contradictory_options() -> None:
         kafka_settings_from(ssl_no_check_hostname=True)
     with pytest.raises(typer.BadParameter, match="is empty"):
         kafka_settings_from(" , ")
+    # Empty values (an unset-but-exported variable) are no credentials, for KafkaSettings too.
+    assert kafka_settings_from(sasl_username="", sasl_password="").sasl_username is None
     settings = kafka_settings_from("a:1, b:2", "sasl_ssl", "scram-sha-512", "u", "secret",
                                    ssl_no_check_hostname=True, fast_groups=True)
     assert settings.bootstrap_servers == "a:1,b:2" and settings.sasl_mechanism == "SCRAM-SHA-512"
