@@ -103,7 +103,7 @@ def _settle(future: asyncio.Future[Any], setter: Callable[[Any], None], value: A
 
 
 class EnginePool:
-    def __init__(self, engines: Sequence[Engine], *, call_timeout_s: float = 60.0) -> None:
+    def __init__(self, engines: Sequence[Engine], *, call_timeout_s: float = 300.0) -> None:
         if not engines:
             raise ValueError("an EnginePool needs at least one engine")
         self.engines = list(engines)

@@ -61,7 +61,8 @@ class WorkerSettings:
     # Shell-style patterns a TokenBatch's reply_topic must match; (): topics.reply_patterns().
     reply_topics: tuple[str, ...] = ()
     # An engine call that takes longer is stuck (a hung GPU): the engine is declared dead.
-    engine_timeout_s: float = 60.0
+    # Generous: a CPU engine on an oversubscribed host can be very slow without being stuck.
+    engine_timeout_s: float = 300.0
 
 
 @dataclass(slots=True)

@@ -94,7 +94,7 @@ def worker(
     engine_timeout: Annotated[float, typer.Option(envvar="QSCORE_ENGINE_TIMEOUT", min=0.1, help=(
         "Seconds one engine call may take; a call still running then is stuck (a hung GPU): "
         "its engine is taken out of service, and with none left the worker stops so a "
-        "restart or another host takes over."))] = 60.0,
+        "restart or another host takes over."))] = 300.0,
 ) -> None:
     """Run a scoring worker: token batches in, scores out (SIGTERM drains and commits)."""
     from engines.manifest import read_manifest

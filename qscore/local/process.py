@@ -7,11 +7,27 @@ can be spawned again after it has ended (a server restarted on the same port).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:  # no prctl: children outlive a killed parent, as without this
+        pass
 
 
 class ChildProcess:
@@ -35,6 +51,9 @@ class ChildProcess:
                 # Own session: a terminal's Ctrl-C reaches only the parent, which then stops
                 # its children in order (services before the broker and cache they drain into).
                 start_new_session=True,
+                # ...but a parent that dies without stopping them (SIGKILL, OOM) takes them
+                # along, instead of leaving a broker and services running unowned.
+                preexec_fn=_die_with_parent,
             )
         except BaseException:
             self._close_log()

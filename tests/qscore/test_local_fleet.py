@@ -3,7 +3,11 @@ command line (readable by any user in `ps`), and the start-up panel masks them."
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +103,29 @@ def test_up_panel_masks_the_redis_password(
     assert "qscore fleet is up" in result.output and "worker-0 exited" in result.output
     assert "redis://:***@cache.example:6379/0" in result.output
     assert "s3cret" not in result.output
+
+
+def test_children_of_a_killed_parent_do_not_outlive_it(tmp_path: Path) -> None:
+    # `qscore up` SIGKILLed (or OOM-killed) must not leave its broker and services running.
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from qscore.local.process import ChildProcess\n"
+        "child = ChildProcess(Path(sys.argv[1]) / 'child.log')\n"
+        "child.spawn([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    exited = os.pidfd_open(child_pid)  # readable once the child has exited
+    try:
+        parent.kill()
+        parent.wait(10)
+        readable, _, _ = select.select([exited], [], [], 10)
+        if not readable:
+            os.kill(child_pid, signal.SIGKILL)
+        assert readable, "the child outlived its SIGKILLed parent"
+    finally:
+        os.close(exited)
