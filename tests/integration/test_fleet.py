@@ -133,15 +133,21 @@ async def test_worker_killed_with_sigkill_and_restarted_loses_nothing(
         first.start()
         try:
             await publish(producer, batches)
-            seen = 0
+            seen: Scores = {}
             async with asyncio.timeout(120):
                 async for batch in consumer:  # some scores out: the worker is mid-stream
-                    seen += len(batch.items)
-                    if seen >= 100:
+                    seen.setdefault(batch.batch_id, {}).update({s.id: s for s in batch.items})
+                    if sum(map(len, seen.values())) >= 100:
                         break
             first.kill()
             second.start()
-            scores = await consumer.collect(expected(batches), timeout=180)
+            # Scores handed out by iteration are not kept (memory); wait for the rest.
+            rest = {b: [i for i in ids if i not in seen.get(b, {})]
+                    for b, ids in expected(batches).items()}
+            scores = await consumer.collect({b: ids for b, ids in rest.items() if ids},
+                                            timeout=180)
+            for b, items in seen.items():
+                scores.setdefault(b, {}).update(items)
         finally:
             first.kill()
             second.stop()
