@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import structlog
 
 from engines.tokenizer import QueryTokenizer
+from plumbing.procs import die_with_parent
 from schemas import (
     Limits,
     Priority,
@@ -83,6 +84,8 @@ _state: tuple[TokenizerSpec, QueryTokenizer] | None = None
 
 def _init_process(spec: TokenizerSpec) -> None:
     global _state
+    # A SIGKILLed service must not leave its pool processes running.
+    die_with_parent(multiprocessing.parent_process().pid)  # type: ignore[union-attr]
     # Ctrl-C reaches the whole process group; only the parent decides when to stop (it drains
     # first), so children must not die mid-batch and break the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -7,27 +7,14 @@ can be spawned again after it has ended (a server restarted on the same port).
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
-import signal
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except OSError:  # no prctl: children outlive a killed parent, as without this
-        pass
+from plumbing.procs import die_with_parent
 
 
 class ChildProcess:
@@ -53,7 +40,7 @@ class ChildProcess:
                 start_new_session=True,
                 # ...but a parent that dies without stopping them (SIGKILL, OOM) takes them
                 # along, instead of leaving a broker and services running unowned.
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(die_with_parent, os.getpid()),
             )
         except BaseException:
             self._close_log()
