@@ -408,3 +408,20 @@ async def test_a_call_that_never_returns_declares_its_engine_dead_and_close_does
     assert loop.time() - begun < WAIT_S / 2  # did not wait for the stuck call
     assert healthy.closed and not stuck.closed  # never free a device under a running call
     stuck.gate.set()  # let the thread end
+
+
+class ShortEngine(FakeEngine):
+    """Returns one row too few: a broken engine's outputs, not an exception."""
+
+    def run(self, batch: PaddedBatch, lane: int = 0) -> np.ndarray:
+        return super().run(batch, lane)[:-1]
+
+
+async def test_outputs_that_do_not_fit_the_batch_fail_its_waiters_instead_of_hanging() -> None:
+    worker = await _worker([ShortEngine(0, "cpu", lanes=1)])  # type: ignore[list-item]
+    try:
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(await worker.batcher.submit(_tb([3, 4])), WAIT_S)
+        assert worker.pool.busy() == 1  # the slot came back; the dispatcher holds it again
+    finally:
+        await _shutdown(worker)
