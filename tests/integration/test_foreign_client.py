@@ -40,7 +40,9 @@ def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) ->
 def _consume(bootstrap: str, topics: list[str], want: int, group: str) -> list[tuple[str, bytes]]:
     consumer = confluent_kafka.Consumer({
         "bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-        "enable.auto.commit": False})
+        "enable.auto.commit": False,
+        # The embedded broker holds a join for about half the session: keep it short.
+        "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
     consumer.subscribe(topics)
     out: list[tuple[str, bytes]] = []
     try:
