@@ -146,33 +146,52 @@ async def test_worker_scores_token_batches_writes_cache_and_commits(
         await check.stop()
 
 
-async def test_a_token_batch_of_200_query_embeddings_is_scored_in_parts_not_dead_lettered(
-        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
-        default_engine_path: Path) -> None:
-    # 200 queries without docs: a ~5 KB TokenBatch whose ScoreBatch (200 embeddings as JSON
-    # floats) is ~1.6 MB, over the 1 MiB message limit. Good input: it must be scored.
+async def _topics(create_topic, topic_name: str) -> Topics:  # type: ignore[no-untyped-def]
     topics = Topics.with_prefix(topic_name)
     for name in topics.all():
         await create_topic(name, partitions=1)
-    engine = load_engine(default_engine_path, threads=2)
-    items = [QueryItem(id=f"q{i}", query=f"query number {i} about red shoes")
-             for i in range(200)]
-    tb = tokenize(engine, items, "big")
-    producer = make_producer(kafka(kafka_bootstrap))
+    return topics
+
+
+async def _publish(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """(key, value) records, each acknowledged before the next."""
+    producer = make_producer(kafka(bootstrap))
     await producer.start()
     try:
-        await producer.send_and_wait(topics.tokens, encode_token_batch(tb), key=b"big")
-        await producer.send_and_wait(topics.tokens, b"\x00 poison", key=b"poison")
+        for key, value in records:
+            await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
-    settings = WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
-                              group_id=f"{topic_name}-w")
-    worker = ScoringWorker(settings, [engine])
+
+
+def _record(tb: TokenBatch) -> tuple[bytes, bytes]:
+    return tb.batch_id.encode(), encode_token_batch(tb)
+
+
+async def _burst(bootstrap: str, topics: Topics, group: str, engine: Engine) -> ScoringWorker:
+    """A worker run until its topics are idle; returned stopped, for its stats."""
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(bootstrap), topics=topics,
+                                          group_id=group), [engine])
     await worker.start()
     try:
         await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
     finally:
         await worker.stop()
+    return worker
+
+
+async def test_a_token_batch_of_200_query_embeddings_is_scored_in_parts_not_dead_lettered(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path) -> None:
+    # 200 queries without docs: a ~5 KB TokenBatch whose ScoreBatch (200 embeddings as JSON
+    # floats) is ~1.6 MB, over the 1 MiB message limit. Good input: it must be scored.
+    topics = await _topics(create_topic, topic_name)
+    engine = load_engine(default_engine_path, threads=2)
+    items = [QueryItem(id=f"q{i}", query=f"query number {i} about red shoes")
+             for i in range(200)]
+    await _publish(kafka_bootstrap, topics.tokens,
+                   [_record(tokenize(engine, items, "big")), (b"poison", b"\x00 poison")])
+    worker = await _burst(kafka_bootstrap, topics, f"{topic_name}-w", engine)
 
     parts = [decode_score_batch(v) for v in await read_all(kafka_bootstrap, topics.scores, 2)]
     assert len(parts) >= 2 and {p.batch_id for p in parts} == {"big"}
@@ -191,28 +210,13 @@ async def test_a_token_batch_with_a_foreign_reply_topic_is_dead_lettered_not_sen
         default_engine_path: Path) -> None:
     # TokenBatches normally come from the tokenizer, which checks reply topics; one produced
     # by anyone else must not make the worker write (or auto-create) where it says.
-    topics = Topics.with_prefix(topic_name)
-    for name in topics.all():
-        await create_topic(name, partitions=1)
+    topics = await _topics(create_topic, topic_name)
     engine = load_engine(default_engine_path, threads=2)
     foreign = replace(tokenize(engine, ITEMS, "foreign"), reply_topic="__consumer_offsets")
     fine = replace(tokenize(engine, ITEMS, "fine"), reply_topic=f"{topics.scores}.team-a")
     await create_topic(f"{topics.scores}.team-a", partitions=1)
-    producer = make_producer(kafka(kafka_bootstrap))
-    await producer.start()
-    try:
-        for tb in (foreign, fine):
-            await producer.send_and_wait(topics.tokens, encode_token_batch(tb),
-                                         key=tb.batch_id.encode())
-    finally:
-        await producer.stop()
-    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
-                                          group_id=f"{topic_name}-w"), [engine])
-    await worker.start()
-    try:
-        await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
-    finally:
-        await worker.stop()
+    await _publish(kafka_bootstrap, topics.tokens, [_record(foreign), _record(fine)])
+    worker = await _burst(kafka_bootstrap, topics, f"{topic_name}-w", engine)
 
     (letter,) = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
                                                               topics.dead_letter, 1)]
@@ -227,29 +231,14 @@ async def test_token_ids_outside_the_vocabulary_dead_letter_only_their_batch(
         default_engine_path: Path) -> None:
     # Checked before any engine call: on a GPU an id past the embedding table reads out of
     # bounds instead of failing, and on CPU it would fail a whole micro-batch.
-    topics = Topics.with_prefix(topic_name)
-    for name in topics.all():
-        await create_topic(name, partitions=1)
+    topics = await _topics(create_topic, topic_name)
     engine = load_engine(default_engine_path, threads=2)
     good = tokenize(engine, ITEMS, "good")
     ids = good.input_ids.copy()
     ids[1] = 10**6
     bad = replace(tokenize(engine, ITEMS, "bad"), input_ids=ids)
-    producer = make_producer(kafka(kafka_bootstrap))
-    await producer.start()
-    try:
-        for tb in (bad, good):
-            await producer.send_and_wait(topics.tokens, encode_token_batch(tb),
-                                         key=tb.batch_id.encode())
-    finally:
-        await producer.stop()
-    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
-                                          group_id=f"{topic_name}-w"), [engine])
-    await worker.start()
-    try:
-        await asyncio.wait_for(worker.run(idle_exit_s=1.5), 60)
-    finally:
-        await worker.stop()
+    await _publish(kafka_bootstrap, topics.tokens, [_record(bad), _record(good)])
+    worker = await _burst(kafka_bootstrap, topics, f"{topic_name}-w", engine)
     (letter,) = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
                                                               topics.dead_letter, 1)]
     assert letter.stage == "score" and "outside the vocabulary" in letter.reason
