@@ -395,7 +395,7 @@ async def test_a_call_that_never_returns_declares_its_engine_dead_and_close_does
     pool = EnginePool([stuck, healthy], call_timeout_s=0.2)
     slot = await pool.acquire()
     assert slot.engine == 0
-    with pytest.raises(EngineDead, match="did not return within 0.2 s"):
+    with pytest.raises(EngineDead, match=r"did not return within 0\.2 s"):
         await asyncio.wait_for(pool.run(slot, FakeBatch(2)), WAIT_S)
     pool.release(slot)
     assert pool.dead == {0} and pool.size == 1
