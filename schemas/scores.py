@@ -148,7 +148,13 @@ def decode_score_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> ScoreBat
 def encode_scores_to_fit(scores: ScoreBatch, limits: Limits) -> list[bytes]:
     """Encode `scores`, split by items into ScoreBatches (same batch_id) that each fit the
     limits (200 query embeddings as JSON floats do not fit 1 MiB). Items are packed by their
-    own JSON size (orjson: cheap), so each item is validated and encoded once, as a rule."""
+    own JSON size (orjson: cheap), so each item is validated and encoded once, as a rule.
+    The common case, a batch that fits, is one encode."""
+    try:
+        return [encode_score_batch(scores, limits)]
+    except SchemaError as exc:
+        if exc.rule != "max_bytes":
+            raise
     envelope = len(encode_score_batch(replace(scores, items=()), limits)) + 1  # + "]"
     budget = limits.max_encoded_bytes - envelope
     groups: list[list[ItemScore]] = [[]]
