@@ -28,7 +28,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from plumbing.kafka import KafkaSettings, make_consumer, make_producer
+from plumbing.kafka import KafkaSettings, check_reply_topic, make_consumer, make_producer
 from plumbing.offsets import OffsetTracker
 from schemas import DeadLetter, Limits, SourceRef, Stage, encode_dead_letter
 
@@ -88,7 +88,8 @@ class RecordPipeline:
     def __init__(self, kafka: KafkaSettings, topics: Sequence[str], settings: PipelineSettings,
                  *, stage: Stage, dead_letter_topic: str, limits: Limits,
                  name: str = "pipeline",
-                 fatal: tuple[type[BaseException], ...] = ()) -> None:
+                 fatal: tuple[type[BaseException], ...] = (),
+                 reply_patterns: Sequence[str] = ()) -> None:
         self.kafka = kafka
         self.topics = tuple(topics)
         self.settings = settings
@@ -96,6 +97,8 @@ class RecordPipeline:
         self.dead_letter_topic = dead_letter_topic
         self.limits = limits
         self.name = name
+        # Where a record may ask for its outputs (check_reply): shell-style patterns.
+        self.reply_patterns = tuple(reply_patterns)
         # Errors that say this service, not the record, is broken (e.g. no engine left):
         # such a record is neither dead-lettered nor committed, so a restart redelivers it.
         self.fatal = (KafkaError, *fatal)
@@ -279,6 +282,14 @@ class RecordPipeline:
             # finish, so no offset past it may be committed, ever. Stop rather than consume on
             # with commits stalled; a restart redelivers it.
             self._fail(fatal)
+
+    async def check_reply(self, topic: str | None) -> None:
+        """A record's reply topic, if it names one, must match `reply_patterns`
+        (ReplyTopicError) and exist (UndeliverableError): only the fleet chooses where it
+        writes, and nothing a redelivery would repeat may stop the service."""
+        if topic is not None:
+            check_reply_topic(topic, self.reply_patterns)
+            await self.check_topic(topic)
 
     async def check_topic(self, topic: str) -> None:
         """Raise UndeliverableError unless `topic` exists. Producing to a missing topic either

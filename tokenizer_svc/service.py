@@ -32,7 +32,7 @@ from engines.errors import ArtifactError
 from engines.manifest import Manifest, read_manifest
 from engines.tokenizer import check_artifact_tokenizer
 from plumbing.cache import CacheSettings, ResultCache
-from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics, check_reply_topic
+from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics
 from plumbing.pipeline import PipelineSettings, RecordPipeline, UndeliverableError
 from schemas import (
     DEFAULT_LIMITS,
@@ -109,7 +109,8 @@ class TokenizerService:
         self.pipeline = RecordPipeline(
             settings.kafka, [t.queries, t.queries_offline],
             PipelineSettings(group_id=settings.group_id, max_in_flight=settings.max_in_flight),
-            stage="tokenize", dead_letter_topic=t.dead_letter, limits=settings.limits, name=name)
+            stage="tokenize", dead_letter_topic=t.dead_letter, limits=settings.limits, name=name,
+            reply_patterns=settings.reply_topics or t.reply_patterns())
         self._stats = TokenizerStats()
         self._offline_calls = asyncio.Semaphore(settings.processes)
 
@@ -187,10 +188,7 @@ class TokenizerService:
             return
         batch = prepared.batch
         try:
-            check_reply_topic(batch.reply_topic,
-                              self.settings.reply_topics or self.settings.topics.reply_patterns())
-            if batch.reply_topic is not None:
-                await self.pipeline.check_topic(batch.reply_topic)
+            await self.pipeline.check_reply(batch.reply_topic)
         except (ReplyTopicError, UndeliverableError) as exc:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return

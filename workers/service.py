@@ -23,7 +23,7 @@ from engines.errors import EngineDead
 from engines.protocol import Engine
 from engines.tokenizer import artifact_tokenizer_json, artifact_vocab_size
 from plumbing.cache import CacheSettings, ResultCache, encode_floats
-from plumbing.kafka import KafkaSettings, Topics, check_reply_topic
+from plumbing.kafka import KafkaSettings, Topics
 from plumbing.pipeline import PipelineSettings, RecordPipeline
 from schemas import (
     DEFAULT_LIMITS,
@@ -103,7 +103,8 @@ class ScoringWorker:
         self.name = name
         # A dead engine pool is the worker's failure, not the record's: no dead letter.
         common = {"stage": "score", "dead_letter_topic": settings.topics.dead_letter,
-                  "limits": settings.limits, "fatal": (EngineDead,)}
+                  "limits": settings.limits, "fatal": (EngineDead,),
+                  "reply_patterns": settings.reply_topics or settings.topics.reply_patterns()}
         self.online = RecordPipeline(
             settings.kafka, [settings.topics.tokens],
             PipelineSettings(group_id=settings.group_id, max_in_flight=settings.max_in_flight),
@@ -195,12 +196,10 @@ class ScoringWorker:
         if tb.head != m.head:  # same tokenizer, other head: pairs vs separate texts
             raise WorkerInputError(f"TokenBatch tokenized for the {tb.head} head; the engine "
                                    f"is {m.head} (model {m.model_id} {m.version})")
-        # The tokenizer checked it too; a TokenBatch may come from elsewhere.
-        check_reply_topic(tb.reply_topic,
-                          self.settings.reply_topics or self.settings.topics.reply_patterns())
         pipeline = self.online if priority == "online" else self.offline
-        if tb.reply_topic is not None:  # before any engine work is spent on it
-            await pipeline.check_topic(tb.reply_topic)
+        # The tokenizer checked it too, but a TokenBatch may come from elsewhere; checked
+        # before any engine work is spent on it.
+        await pipeline.check_reply(tb.reply_topic)
         if tb.max_length > m.max_length:
             raise WorkerInputError(f"TokenBatch max_length {tb.max_length} exceeds the "
                                    f"engine's {m.max_length}")
