@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/host_cost.py [--short] [--items 20000] [--per-batch 20]
                                          [--redis | --docs 4] [--engine DIR] [--no-write]
+                                         [--profile DIR]
 The engine is a 1-layer, 32-wide random BERT with the default model's tokenizer, built FP32
 with ONNX Runtime, so what is left is the fleet's own cost. The fleet is the one `qscore up`
 starts (embedded broker, 1 tokenizer service, 1 scoring worker, separate processes). N real
@@ -9,6 +10,9 @@ queries, made unique so that no cache hides work, are published in batches of B 
 plain Kafka client and read back by a plain consumer without a group; CPU time (utime + stime)
 of each process and its descendants is read from /proc/PID/stat around the timed stream.
 Without --redis or --docs, three runs: Redis off, Redis on, and Redis off with docs per item.
+With --profile DIR, py-spy samples the worker and the tokenizer service (with its pool
+processes) during each timed stream; DIR gets their collapsed stacks and a summary is printed
+(the functions with the most samples, self and inclusive).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,6 +115,51 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+# -- profiles ------------------------------------------------------------------------------
+
+def start_profiles(procs: dict[str, int], out: Path, tag: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each process (and its children), collapsed stacks to out/<name>-<tag>.txt."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200",
+                              "--format", "raw", "--nonblocking",
+                              "-o", str(out / f"{name.split()[0]}-{tag}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in procs.items()]
+
+
+def stop_profiles(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in spies:
+        spy.wait(timeout=60)
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """The functions with the most samples in a py-spy raw file: self and inclusive."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        # "func (path/file.py:line)" -> "func (file.py)": lines would split a function.
+        frames = [f"{f.split(' (')[0]} ({f.rsplit('/', 1)[-1].split(':')[0]})" if " (" in f
+                  else f for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    lines = [f"{path.name}: {total} samples"]
+    for title, table in (("self", own), ("inclusive", incl)):
+        lines.append(f"  top {title}:")
+        for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {100 * n / max(total, 1):5.1f}%  {name}")
+    return "\n".join(lines)
+
+
 # -- one fleet, one or more timed streams --------------------------------------------------
 
 def make_batches(queries: list[str], n: int, per_batch: int, docs: int,
@@ -168,12 +219,13 @@ async def stream(bootstrap: str, topic_prefix: str, partitions: int,
 
 
 def run_fleet(artifact: Path, queries: list[str], configs: list[Config], items: int,
-              per_batch: int, warmup: int) -> dict[Config, dict[str, float]]:
+              per_batch: int, warmup: int, profile: Path | None = None,
+              worker_args: tuple[str, ...] = ()) -> dict[Config, dict[str, float]]:
     from qscore.local.fleet import FleetSpec, LocalFleet
 
     prefix = f"hostcost-{uuid.uuid4().hex[:6]}"
     spec = FleetSpec(artifact=artifact, tokenizers=1, workers=1, use_redis=configs[0].redis,
-                     topic_prefix=prefix)
+                     topic_prefix=prefix, worker_args=worker_args)
     if configs[0].redis and not shutil.which("redis-server"):
         sys.exit("the Redis run needs redis-server on PATH (apt-get install redis-server)")
     results: dict[Config, dict[str, float]] = {}
@@ -189,10 +241,15 @@ def run_fleet(artifact: Path, queries: list[str], configs: list[Config], items: 
             asyncio.run(stream(fleet.bootstrap_servers, prefix, spec.partitions,
                                make_batches(queries, warmup, per_batch, cfg.docs, f"w{tag}")))
             batches = make_batches(queries, items, per_batch, cfg.docs, f"m{tag}")
+            spies = [] if profile is None else start_profiles(
+                {n: p for n, p in procs.items() if p and not n.startswith(("tansu", "redis"))},
+                profile, f"{'redis' if cfg.redis else 'noredis'}-{cfg.docs}docs")
             before = {name: cpu_seconds(pid) for name, pid in procs.items() if pid}
             seconds = asyncio.run(stream(fleet.bootstrap_servers, prefix, spec.partitions,
                                              batches))
             after = {name: cpu_seconds(pid) for name, pid in procs.items() if pid}
+            if spies:
+                stop_profiles(spies)
             results[cfg] = {"items": items, "seconds": seconds, "items_per_s": items / seconds,
                             **{name: (after[name] - before[name]) / items * 1e6
                                for name in before}}
@@ -213,6 +270,11 @@ def main() -> None:
                         help="only a Redis-off run with this many docs per item")
     parser.add_argument("--short", action="store_true", help="small runs (well under a minute)")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/")
+    parser.add_argument("--worker-args", default="",
+                        help="extra `qscore worker` flags, e.g. '--spin --threads 1'")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy the worker and tokenizer into this dir (implies --no-write: "
+                             "sampling costs CPU)")
     args = parser.parse_args()
 
     from plumbing.logs import configure_logging
@@ -229,7 +291,12 @@ def main() -> None:
     results: dict[Config, dict[str, float]] = {}
     for redis in (False, True):  # one fleet per cache setting
         if group := [c for c in configs if c.redis == redis]:
-            results |= run_fleet(artifact, queries, group, items, args.per_batch, warmup)
+            results |= run_fleet(artifact, queries, group, items, args.per_batch, warmup,
+                                 args.profile, tuple(args.worker_args.split()))
+    if args.profile is not None:
+        for path in sorted(args.profile.glob("*.txt")):
+            print(summarize_profile(path))
+        args.no_write = True
 
     names = ["scoring worker", "tokenizer service (main + pool)", "tansu broker", "redis-server"]
     names = [n for n in names if any(n in r for r in results.values())]
