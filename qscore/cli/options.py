@@ -341,9 +341,12 @@ MaxLength = Annotated[int | None, typer.Option(
     "truncated and counted (default: the model's).")]
 Threads = Annotated[int | None, typer.Option(
     envvar="QSCORE_THREADS", min=1, help="Engine threads (default: all cores).")]
-NoSpin = Annotated[bool, typer.Option(
-    "--no-spin", envvar="QSCORE_ORT_NO_SPIN", help="onnxruntime: idle engine threads yield "
-    "their cores instead of spinning (for hosts shared with other busy processes).")]
+Spin = Annotated[bool, typer.Option(
+    "--spin/--no-spin", envvar="QSCORE_ORT_SPIN", help="onnxruntime: idle engine threads spin "
+    "waiting for the next batch instead of yielding their cores. Off by default in a worker: "
+    "between batches the spinning burnt more CPU than a small engine's inference (bench/"
+    "host_cost.py), CPU the tokenizer and the broker on the same host need. On for a host "
+    "whose cores serve only this worker's back-to-back batches.")]
 
 
 def engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: str | None,

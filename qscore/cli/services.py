@@ -18,9 +18,9 @@ from qscore.cli.options import (
     Backend,
     Devices,
     Graphs,
-    NoSpin,
     Precision,
     ServiceOptions,
+    Spin,
     Streams,
     device_list,
     engine_settings,
@@ -79,7 +79,7 @@ def worker(
     graphs: Graphs = True,
     threads: Annotated[int | None, typer.Option(envvar="QSCORE_THREADS", min=1, help=(
         "Threads per engine instance (default: all cores / instances)."))] = None,
-    no_spin: NoSpin = False,
+    spin: Spin = False,
     max_batch: Annotated[int, typer.Option(envvar="QSCORE_MAX_BATCH", min=1, help=(
         "Max sequences per engine call (reached under load)."))] = _B.max_batch,
     token_budget: Annotated[int, typer.Option(envvar="QSCORE_TOKEN_BUDGET", min=1, help=(
@@ -105,7 +105,7 @@ def worker(
     settings_ = engine_settings(service.model, service.engine_dir, service.artifact, None, None,
                                 threads, precision=precision, backend=backend,
                                 devices=device_list(devices), lanes=streams, graphs=graphs,
-                                spin=not no_spin)
+                                spin=spin)
     try:
         path = find_artifact(settings_)
         manifest = read_manifest(path)
