@@ -27,6 +27,7 @@ from aiokafka.errors import ConsumerStoppedError
 from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from schemas import (
     DEFAULT_LIMITS,
+    EmbeddingFormat,
     ItemScore,
     Limits,
     Priority,
@@ -355,9 +356,13 @@ class QueryProducer(_Lifecycle):
             await producer.stop()
 
     async def send(self, items: Sequence[QueryItem], *, batch_id: str | None = None,
-                   priority: Priority = "online",
-                   reply_topic: str | None = None) -> asyncio.Future[SentBatch]:
+                   priority: Priority = "online", reply_topic: str | None = None,
+                   embedding_format: EmbeddingFormat | None = None,
+                   ) -> asyncio.Future[SentBatch]:
         """Validate, encode and enqueue one QueryBatch; the future resolves on the broker's ack.
+
+        `embedding_format` ("float", "base64", "base64-f16"; None: the fleet's default) is how
+        the scores' embeddings travel; ScoreConsumer decodes every format to floats.
 
         Raises SchemaError at once for bad input (no items, duplicate ids, over a limit, unknown
         priority, ...), and KafkaError if the batch cannot even be enqueued (e.g. no metadata for
@@ -365,7 +370,8 @@ class QueryProducer(_Lifecycle):
         """
         batch = QueryBatch(batch_id=uuid.uuid4().hex if batch_id is None else batch_id,
                            items=tuple(items), submitted_at=time.time(),
-                           reply_topic=reply_topic, priority=priority)
+                           reply_topic=reply_topic, priority=priority,
+                           embedding_format=embedding_format)
         value = encode_query_batch(batch, self.limits)  # SchemaError goes to the caller
         if self._producer is None:
             raise NotStarted("QueryProducer is not started: call start() or use async with")
@@ -380,10 +386,11 @@ class QueryProducer(_Lifecycle):
         return asyncio.ensure_future(acked())
 
     async def send_and_wait(self, items: Sequence[QueryItem], *, batch_id: str | None = None,
-                            priority: Priority = "online",
-                            reply_topic: str | None = None) -> SentBatch:
+                            priority: Priority = "online", reply_topic: str | None = None,
+                            embedding_format: EmbeddingFormat | None = None) -> SentBatch:
         return await (await self.send(items, batch_id=batch_id, priority=priority,
-                                      reply_topic=reply_topic))
+                                      reply_topic=reply_topic,
+                                      embedding_format=embedding_format))
 
     async def flush(self) -> None:
         """Wait until everything sent so far is acknowledged (or failed)."""

@@ -24,15 +24,20 @@ from .query import (
     encode_query_batch,
 )
 from .scores import (
+    EMBEDDING_FORMATS,
+    EmbeddingFormat,
     ItemScore,
+    ScoreArrays,
     ScoreBatch,
     Timings,
     decode_score_batch,
+    encode_score_arrays,
     encode_score_batch,
     encode_scores_to_fit,
 )
 from .tokens import (
     HEADS,
+    KEY_BYTES,
     Head,
     TokenBatch,
     decode_token_batch,
@@ -43,10 +48,13 @@ from .tokens import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "EMBEDDING_FORMATS",
     "HEADS",
+    "KEY_BYTES",
     "PRIORITIES",
     "STAGES",
     "DeadLetter",
+    "EmbeddingFormat",
     "Head",
     "ItemScore",
     "Limits",
@@ -54,6 +62,7 @@ __all__ = [
     "QueryBatch",
     "QueryItem",
     "SchemaError",
+    "ScoreArrays",
     "ScoreBatch",
     "SourceRef",
     "Stage",
@@ -65,6 +74,7 @@ __all__ = [
     "decode_token_batch",
     "encode_dead_letter",
     "encode_query_batch",
+    "encode_score_arrays",
     "encode_score_batch",
     "encode_scores_to_fit",
     "encode_token_batch",

@@ -6,7 +6,9 @@ Wire form::
      "priority": "online", "items": [{"id": "q1", "query": "red shoes", "docs": ["..."]}]}
 
 `docs` is omitted (or null) for a query scored alone; item ids may be JSON ints and are then
-stored as strings, since consumers correlate by string id.
+stored as strings, since consumers correlate by string id. An optional ``"embedding_format"``
+("float", "base64" or "base64-f16", see schemas.scores) asks for embeddings in that form; absent,
+the fleet's default applies.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Literal, get_args
 from . import _check as c
 from .errors import SchemaError
 from .limits import DEFAULT_LIMITS, Limits
+from .scores import EMBEDDING_FORMATS, EmbeddingFormat
 
 Priority = Literal["online", "offline"]
 PRIORITIES: tuple[str, ...] = get_args(Priority)
@@ -69,11 +72,12 @@ class QueryBatch:
     submitted_at: float  # unix seconds, set by the producer; queue time is measured from it
     reply_topic: str | None = None  # score topic override; None = the fleet's default
     priority: Priority = "online"
+    embedding_format: EmbeddingFormat | None = None  # None: the fleet's default
 
     @classmethod
     def from_obj(cls, obj: object, limits: Limits = DEFAULT_LIMITS) -> QueryBatch:
         required = ("v", "batch_id", "items", "submitted_at")
-        m = c.keys(obj, "", required, ("reply_topic", "priority"))
+        m = c.keys(obj, "", required, ("reply_topic", "priority", "embedding_format"))
         c.check_version(m)
         batch_id = c.text(m["batch_id"], "batch_id", limits.max_id_chars, blank_ok=True)
         raw_items = c.array(m["items"], "items", limits.max_items, min_items=1)
@@ -87,13 +91,15 @@ class QueryBatch:
             submitted_at=c.number(m["submitted_at"], "submitted_at", lo=0.0),
             reply_topic=c.topic(m.get("reply_topic"), "reply_topic", limits),
             priority=c.enum(m.get("priority", "online"), "priority", PRIORITIES),  # type: ignore[arg-type]
+            embedding_format=None if m.get("embedding_format") is None else c.enum(  # type: ignore[arg-type]
+                m["embedding_format"], "embedding_format", EMBEDDING_FORMATS),
         )
 
     def to_obj(self) -> dict[str, Any]:
         items = self.items
         if isinstance(items, list | tuple):
             items = [it.to_obj() if isinstance(it, QueryItem) else it for it in items]
-        return {
+        obj = {
             "v": c.VERSION,
             "batch_id": self.batch_id,
             "submitted_at": self.submitted_at,
@@ -101,6 +107,9 @@ class QueryBatch:
             "priority": self.priority,
             "items": items,
         }
+        if self.embedding_format is not None:  # absent: the fleet's default
+            obj["embedding_format"] = self.embedding_format
+        return obj
 
 
 def encode_query_batch(batch: QueryBatch, limits: Limits = DEFAULT_LIMITS) -> bytes:

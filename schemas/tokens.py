@@ -9,7 +9,8 @@ Token ids are most of a TokenBatch, so they travel as little-endian arrays, neve
     if has_keys: zero padding to 4 bytes | cache_keys u8[n_seq * 16]
 
 The header holds batch_id, item_ids, tokenizer_id, head, max_length, submitted_at,
-reply_topic, priority, n_seq, n_ids, id_width (2 or 4), has_type_ids and has_keys. Sequence i
+reply_topic, priority, embedding_format, n_seq, n_ids, id_width (2 or 4), has_type_ids and
+has_keys. Sequence i
 is ``input_ids[offsets[i]:offsets[i+1]]``; it belongs to item ``item_ids[seq_item[i]]`` and is
 the query alone (``seq_doc[i] == -1``) or doc ``seq_doc[i]`` (alone for the similarity head,
 paired with the query for the classifier head).
@@ -27,7 +28,9 @@ Versioning: the header's key set is strict (unknown and missing keys are refused
 header key is a layout change like any other and bumps VERSION. A decoder reads its own version
 only and refuses any other with rule ``version`` (a dead letter that says so): token topics hold
 seconds of work, so tokenizers and workers are upgraded together rather than made to read old
-layouts. Version 2 added ``head`` and the ``seq_layout`` rules.
+layouts. Version 2 added ``head`` and the ``seq_layout`` rules; version 3 ``embedding_format``
+(how the worker writes embeddings on the score topic, resolved by the tokenizer from the
+QueryBatch or the fleet's default).
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ from . import _check as c
 from .errors import SchemaError
 from .limits import DEFAULT_LIMITS, Limits
 from .query import PRIORITIES, Priority
+from .scores import EMBEDDING_FORMATS, EmbeddingFormat
 
 MAGIC = b"QSTB"
-VERSION = 2
+VERSION = 3
 # The engine head a batch was tokenized for: the layouts differ, so a worker must refuse the
 # other head's batches (engines.manifest keeps its own copy: schemas imports nothing above it).
 Head = Literal["similarity", "classifier"]
@@ -62,6 +66,7 @@ _HEADER_KEYS = (
     "submitted_at",
     "reply_topic",
     "priority",
+    "embedding_format",
     "n_seq",
     "n_ids",
     "id_width",
@@ -91,6 +96,7 @@ class TokenBatch:
     cache_keys: np.ndarray | None = None  # uint8 [n_seq, 16]; None = no write-through
     # None only in batches built by hand that never travel: the encoder refuses it.
     head: Head | None = None
+    embedding_format: EmbeddingFormat = "float"  # how the worker writes embeddings
 
     @property
     def n_sequences(self) -> int:
@@ -133,6 +139,7 @@ class TokenBatch:
             and self.reply_topic == other.reply_topic
             and self.priority == other.priority
             and self.head == other.head
+            and self.embedding_format == other.embedding_format
             and all(_same(getattr(self, f), getattr(other, f)) for f in _ARRAY_FIELDS)
         )
 
@@ -183,6 +190,7 @@ def _header(m: object, limits: Limits) -> dict[str, Any]:
         "submitted_at": c.number(h["submitted_at"], "submitted_at", lo=0.0),
         "reply_topic": c.topic(h["reply_topic"], "reply_topic", limits),
         "priority": c.enum(h["priority"], "priority", PRIORITIES),
+        "embedding_format": c.enum(h["embedding_format"], "embedding_format", EMBEDDING_FORMATS),
         "n_seq": n_seq,
         "n_ids": _count(h["n_ids"], "n_ids", limits.max_token_ids),
         "id_width": width,
@@ -232,13 +240,22 @@ def _check_arrays(h: dict[str, Any], a: dict[str, np.ndarray], limits: Limits) -
     _first(
         seq_doc >= limits.max_docs_per_item, "seq_doc[{}]", "range", limit=limits.max_docs_per_item
     )
-    # One sequence per (item, doc): a duplicate would publish two scores for one pair.
+    try:
+        _check_layout(h["head"], n_items, seq_item, seq_doc)
+    except SchemaError:
+        # A valid layout has one sequence per (item, doc), so the sort that finds a duplicate
+        # runs only for batches refused anyway, to name the more precise fault.
+        _check_unique(seq_item, seq_doc)
+        raise
+
+
+def _check_unique(seq_item: np.ndarray, seq_doc: np.ndarray) -> None:
+    """One sequence per (item, doc): a duplicate would publish two scores for one pair."""
     keys = (seq_item.astype(np.int64) << 32) | (seq_doc.astype(np.int64) + 1)
-    if len(np.unique(keys)) != len(keys):
-        order = np.argsort(keys, kind="stable")
-        dup = order[1:][np.diff(keys[order]) == 0][0]
-        raise SchemaError(f"seq_doc[{dup}]", "duplicate", "two sequences for one (item, doc)")
-    _check_layout(h["head"], n_items, seq_item, seq_doc)
+    order = np.argsort(keys, kind="stable")
+    dups = order[1:][np.diff(keys[order]) == 0]
+    if len(dups):
+        raise SchemaError(f"seq_doc[{dups[0]}]", "duplicate", "two sequences for one (item, doc)")
 
 
 def _check_layout(head: str, n_items: int, seq_item: np.ndarray, seq_doc: np.ndarray) -> None:
@@ -357,6 +374,7 @@ def _encode_parts(tb: TokenBatch, limits: Limits) -> list[bytes]:
             "submitted_at": tb.submitted_at,
             "reply_topic": tb.reply_topic,
             "priority": tb.priority,
+            "embedding_format": tb.embedding_format,
             "n_seq": len(a["seq_item"]),
             "n_ids": len(ids),
             "id_width": width,
@@ -448,6 +466,7 @@ def decode_token_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> TokenBat
         submitted_at=h["submitted_at"],
         reply_topic=h["reply_topic"],
         priority=h["priority"],
+        embedding_format=h["embedding_format"],
         token_type_ids=arr("u1", at[6], n_ids) if h["has_type_ids"] else None,
         cache_keys=arr("u1", at[8], KEY_BYTES * n_seq).reshape(n_seq, KEY_BYTES)
         if h["has_keys"] else None,

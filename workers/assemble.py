@@ -64,3 +64,30 @@ def item_scores(tb: TokenBatch, outputs: np.ndarray, *, head: str,
         results.append(ItemScore(id=item_id, scores=scores, cached=False,
                                  model_version=model_version, embedding=embedding))
     return results
+
+
+def score_arrays(tb: TokenBatch, outputs: np.ndarray, *, head: str,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Vectorised `item_scores` for a decoded TokenBatch (rule seq_layout holds: sequences
+    grouped by item in order, a similarity item's query first, then docs 0..n-1 in order).
+
+    Returns (scores float32 [n], score_offsets int64 [n_items + 1], embeddings float32
+    [n_items, dim] or None, has_embedding bool [n_items] or None): item i's scores are
+    scores[score_offsets[i]:score_offsets[i + 1]].
+    """
+    n_items, n_seq = len(tb.item_ids), tb.n_sequences
+    if outputs.shape[0] != n_seq:
+        raise ValueError(f"{outputs.shape[0]} outputs for {n_seq} sequences")
+    items = tb.seq_item.astype(np.int64)
+    starts = np.searchsorted(items, np.arange(n_items + 1))  # each item's first row
+    if head == "similarity":
+        docs = tb.seq_doc >= 0
+        queries = outputs[starts[:-1]]  # the layout puts each item's query first
+        doc_rows = np.flatnonzero(docs)
+        # cosine = dot product of unit vectors; one einsum for the whole batch
+        scores = np.einsum("ij,ij->i", outputs[doc_rows], queries[items[doc_rows]])
+        offsets = np.zeros(n_items + 1, dtype=np.int64)
+        np.cumsum(np.bincount(items[doc_rows], minlength=n_items), out=offsets[1:])
+        has_embedding = offsets[1:] == offsets[:-1]  # no docs: the query's embedding instead
+        return scores.astype(np.float32), offsets, queries, has_embedding
+    return outputs.reshape(n_seq).astype(np.float32), starts.astype(np.int64), None, None

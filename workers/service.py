@@ -22,20 +22,20 @@ from aiokafka import ConsumerRecord
 from engines.errors import EngineDead
 from engines.protocol import Engine
 from engines.tokenizer import artifact_tokenizer_json, artifact_vocab_size
-from plumbing.cache import CacheSettings, ResultCache, encode_floats
+from plumbing.cache import CacheSettings, ResultCache
 from plumbing.kafka import KafkaSettings, Topics
 from plumbing.pipeline import PipelineSettings, RecordPipeline
 from schemas import (
     DEFAULT_LIMITS,
-    ItemScore,
+    KEY_BYTES,
     Limits,
-    ScoreBatch,
+    ScoreArrays,
     Timings,
     TokenBatch,
     decode_token_batch,
-    encode_scores_to_fit,
+    encode_score_arrays,
 )
-from workers.assemble import item_scores
+from workers.assemble import score_arrays
 from workers.microbatcher import BatcherSettings, MicroBatch, MicroBatcher, Priority
 from workers.pool import EnginePool, Slot
 
@@ -210,42 +210,55 @@ class ScoringWorker:
         queued = time.perf_counter()
         outputs = await (await self.batcher.submit(tb, priority))
         inference_done = time.perf_counter()
-        items = item_scores(tb, outputs, head=m.head, model_version=m.version)
-        batch = ScoreBatch(
-            batch_id=tb.batch_id, items=tuple(items), model_id=m.model_id,
-            produced_at=time.time(),
+        # Arrays from here to the wire: no ItemScore or float object per score.
+        scores, offsets, embeddings, has_embedding = score_arrays(tb, outputs, head=m.head)
+        batch = ScoreArrays(
+            batch_id=tb.batch_id, item_ids=tb.item_ids, model_id=m.model_id,
+            model_version=m.version, produced_at=time.time(),
             timings=Timings(queue_ms=(inference_done - queued) * 1000,
-                            total_ms=max(0.0, (time.time() - tb.submitted_at) * 1000)))
+                            total_ms=max(0.0, (time.time() - tb.submitted_at) * 1000)),
+            scores=scores, score_offsets=offsets, embeddings=embeddings,
+            has_embedding=has_embedding, embedding_format=tb.embedding_format)
         # Cache first: once a score is visible, asking again is a hit (and the write costs one
         # pipelined round trip). Never fails: the cache bypasses a Redis outage.
-        await self._write_cache(tb, outputs, items)
+        await self._write_cache(tb, outputs, scores)
         # Split to fit: 200 query embeddings as JSON floats outgrow one message, and the
         # input was fine. Every part is acknowledged before the record counts as finished.
         topic, key = tb.reply_topic or self.settings.topics.scores, tb.batch_id.encode()
         acks = [await pipeline.send(topic, message, key=key)
-                for message in encode_scores_to_fit(batch, self.settings.limits)]
-        await asyncio.gather(*acks)
+                for message in encode_score_arrays(batch, self.settings.limits)]
+        for ack in acks:  # all were queued already; awaiting in turn waits for all
+            await ack
         self.stats.score_batches += len(acks)
         self.stats.messages += 1
-        self.stats.items += len(items)
-        log.debug("scored", batch_id=tb.batch_id, items=len(items),
+        self.stats.items += len(tb.item_ids)
+        log.debug("scored", batch_id=tb.batch_id, items=len(tb.item_ids),
                   wait_ms=round((time.time() - received) * 1000, 2))
 
     async def _write_cache(self, tb: TokenBatch, outputs: np.ndarray,
-                           items: Sequence[ItemScore]) -> None:
-        """Write-through under the per-sequence digests the tokenizer computed from text."""
+                           scores: np.ndarray) -> None:
+        """Write-through under the per-sequence digests the tokenizer computed from text:
+        a similarity doc's value is its cosine with the query (`scores`, in doc-row order),
+        any other sequence's its own output row."""
         if self.cache is None or tb.cache_keys is None:
             return
-        similarity = self.manifest.head == "similarity"
-        entries = []
-        for i, (item, doc) in enumerate(zip(tb.seq_item.tolist(), tb.seq_doc.tolist(),
-                                            strict=True)):
-            if similarity and doc >= 0:
-                # A doc's unit value is its cosine with the query, not its embedding.
-                value = encode_floats([items[item].scores[doc]])
+        n = tb.n_sequences
+        rows = outputs.reshape(n, -1).astype("<f4", copy=False)
+        if self.manifest.head == "similarity":
+            docs = tb.seq_doc >= 0
+            if docs.any():
+                rows = np.where(docs[:, None], 0.0, rows).astype("<f4")
+                width = np.where(docs, 1, rows.shape[1])
+                rows[docs, 0] = scores
             else:
-                value = encode_floats(outputs[i].reshape(-1))
-            entries.append((bytes(tb.cache_keys[i]), value))
+                width = np.full(n, rows.shape[1])
+        else:
+            width = np.full(n, rows.shape[1])
+        blob, stride = rows.tobytes(), rows.shape[1] * 4
+        keys = tb.cache_keys.tobytes()
+        entries = [(keys[i * KEY_BYTES:(i + 1) * KEY_BYTES],
+                    blob[i * stride:i * stride + 4 * w])
+                   for i, w in enumerate(width.tolist())]
         await self.cache.put_many(entries)
         self.stats.cache_writes += len(entries)
 
@@ -320,17 +333,16 @@ class ScoringWorker:
             # a culprit sequence (or a batch too big for the device right now) fails alone
             # and its neighbours are scored.
             self.stats.bisections += 1
-            mid = batch.size // 2
-            for part in (batch.refs[:mid], batch.refs[mid:]):
-                await self._score(slot, MicroBatch(part, batch.priority, batch.formed_at))
+            for half in batch.split():
+                await self._score(slot, half)
             return
         try:
+            lengths = batch.lengths
             self.stats.batches += 1
-            self.stats.sequences += batch.size
-            self.stats.batch_sizes.append(batch.size)
-            longest = max(r.length for r in batch.refs)
-            self.stats.padded_tokens += longest * batch.size
-            self.stats.real_tokens += sum(r.length for r in batch.refs)
+            self.stats.sequences += len(lengths)
+            self.stats.batch_sizes.append(len(lengths))
+            self.stats.padded_tokens += int(lengths.max()) * len(lengths)
+            self.stats.real_tokens += int(lengths.sum())
             self.batcher.complete(batch, outputs)
         except Exception as exc:  # e.g. outputs of the wrong shape from an engine
             log.error("batch_results_failed", size=batch.size, error=f"{type(exc).__name__}: "

@@ -38,7 +38,7 @@ from qscore.cli.options import LogLevel, kafka_command
 from qscore.cli.output import err, fail, print_summary
 from qscore.client import QueryProducer, ScoreConsumer, SentBatch
 from qscore.offline.querylog import LogRecord, count_lines, iter_query_log
-from schemas import DEFAULT_LIMITS, Limits, QueryItem, SchemaError
+from schemas import DEFAULT_LIMITS, EMBEDDING_FORMATS, Limits, QueryItem, SchemaError
 
 topics_app = typer.Typer(help="Manage the fleet's Kafka topics.", no_args_is_help=True)
 
@@ -140,6 +140,10 @@ def publish(
         "prefix to make a re-run's scores duplicates of the first run's."))] = None,
     fmt: Annotated[str, typer.Option("--format", envvar="QSCORE_FORMAT",
                                      help="auto | jsonl | tsv (files only)")] = "auto",
+    embedding_format: Annotated[str | None, typer.Option(
+        "--embedding-format", envvar="QSCORE_EMBEDDING_FORMAT", help=(
+            "How the scores carry embeddings: float (JSON numbers), base64 (float32 bytes, a "
+            "third of the size) or base64-f16; default: the fleet's."))] = None,
     progress: Annotated[bool, typer.Option(envvar="QSCORE_PROGRESS", help=(
         "Show a progress bar (on a terminal)."))] = True,
     log_level: LogLevel = "warning",
@@ -159,6 +163,9 @@ def publish(
     if fmt not in ("auto", "jsonl", "tsv"):
         raise typer.BadParameter(f"must be auto, jsonl or tsv, not {fmt!r}",
                                  param_hint="--format")
+    if embedding_format is not None and embedding_format not in EMBEDDING_FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(EMBEDDING_FORMATS)}, not "
+                                 f"{embedding_format!r}", param_hint="--embedding-format")
     if input == "-":
         records, total = read_stdin_log(sys.stdin.buffer), None
     else:
@@ -168,7 +175,8 @@ def publish(
         records, total = iter_query_log(path, fmt=fmt), count_lines(path)  # type: ignore[arg-type]
     summary = _run(_publish(records, total, kafka, topics, batch_size=batch_size, rate=rate,
                             priority=priority, prefix=batch_prefix or uuid.uuid4().hex[:12],
-                            progress=progress, out=sys.stdout), "publishing failed")
+                            progress=progress, out=sys.stdout,
+                            embedding_format=embedding_format), "publishing failed")
     print_summary("publish summary", summary)
     if summary["failed_batches"]:
         raise typer.Exit(1)
@@ -176,7 +184,8 @@ def publish(
 
 async def _publish(records: Iterator[LogRecord], total: int | None, settings: KafkaSettings,
                    topics: Topics, *, batch_size: int, rate: float | None, priority: str,
-                   prefix: str, progress: bool, out: TextIO) -> dict[str, object]:
+                   prefix: str, progress: bool, out: TextIO,
+                   embedding_format: str | None = None) -> dict[str, object]:
     counts = dict.fromkeys(("batches", "items", "rejected", "failed_batches", "failed_items"), 0)
     bucket = (TokenBucket(rate, max(rate, batch_size), now=asyncio.get_running_loop().time())
               if rate else None)
@@ -208,7 +217,8 @@ async def _publish(records: Iterator[LogRecord], total: int | None, settings: Ka
         nonlocal next_number
         batch_id = f"{prefix}-{next_number:06d}"
         try:
-            fut = await producer.send(items, batch_id=batch_id, priority=priority)  # type: ignore[arg-type]
+            fut = await producer.send(items, batch_id=batch_id, priority=priority,  # type: ignore[arg-type]
+                                      embedding_format=embedding_format)  # type: ignore[arg-type]
         except SchemaError as exc:
             if len(items) == 1:  # the one item is too big for a message on its own
                 reject(lines[0], f"cannot be sent: {exc}")

@@ -180,15 +180,16 @@ async def _burst(bootstrap: str, topics: Topics, group: str, engine: Engine) -> 
     return worker
 
 
-async def test_a_token_batch_of_200_query_embeddings_is_scored_in_parts_not_dead_lettered(
+async def test_a_token_batch_of_300_query_embeddings_is_scored_in_parts_not_dead_lettered(
         kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
         default_engine_path: Path) -> None:
-    # 200 queries without docs: a ~5 KB TokenBatch whose ScoreBatch (200 embeddings as JSON
-    # floats) is ~1.6 MB, over the 1 MiB message limit. Good input: it must be scored.
+    # 300 queries without docs: a ~8 KB TokenBatch whose ScoreBatch (300 embeddings as JSON
+    # floats, ~11 bytes each at float32 precision) is ~1.3 MB, over the 1 MiB message limit.
+    # Good input: it must be scored.
     topics = await _topics(create_topic, topic_name)
     engine = load_engine(default_engine_path, threads=2)
     items = [QueryItem(id=f"q{i}", query=f"query number {i} about red shoes")
-             for i in range(200)]
+             for i in range(300)]
     await _publish(kafka_bootstrap, topics.tokens,
                    [_record(tokenize(engine, items, "big")), (b"poison", b"\x00 poison")])
     worker = await _burst(kafka_bootstrap, topics, f"{topic_name}-w", engine)
@@ -198,7 +199,7 @@ async def test_a_token_batch_of_200_query_embeddings_is_scored_in_parts_not_dead
     assert sorted(it.id for p in parts for it in p.items) == sorted(it.id for it in items)
     assert all(it.embedding is not None and len(it.embedding) == 384
                for p in parts for it in p.items)
-    assert worker.stats.score_batches == len(parts) and worker.stats.items == 200
+    assert worker.stats.score_batches == len(parts) and worker.stats.items == 300
     # Only the poison record was dead-lettered (the one after it shows the topic was read).
     letters = [decode_dead_letter(v) for v in await read_all(kafka_bootstrap,
                                                              topics.dead_letter, 1)]

@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from schemas import (
+    EMBEDDING_FORMATS,
     HEADS,
     PRIORITIES,
     STAGES,
@@ -139,6 +140,7 @@ def token_batches(draw: st.DrawFn) -> TokenBatch:
         reply_topic=draw(st.none() | topics),
         priority=draw(st.sampled_from(PRIORITIES)),
         cache_keys=draw(st.none() | cache_keys(len(pairs))),
+        embedding_format=draw(st.sampled_from(EMBEDDING_FORMATS)),
     )
 
 

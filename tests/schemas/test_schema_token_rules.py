@@ -78,7 +78,7 @@ def rejects(data: bytes, field: str, rule: str, limits: Limits | None = None) ->
 
 def test_layout() -> None:
     data = encode_token_batch(make())
-    assert data[:4] == b"QSTB" and struct.unpack_from("<H", data, 4) == (2,)
+    assert data[:4] == b"QSTB" and struct.unpack_from("<H", data, 4) == (3,)
     header, start = split(data)
     assert start % 4 == 0
     assert header == {
@@ -90,6 +90,7 @@ def test_layout() -> None:
         "submitted_at": 1_700_000_000.0,
         "reply_topic": None,
         "priority": "online",
+        "embedding_format": "float",
         "n_seq": 2,
         "n_ids": 8,
         "id_width": 2,
@@ -140,7 +141,8 @@ def test_cache_keys_travel_aligned_after_the_other_arrays() -> None:
     assert bytes(back.cache_keys[1]) == bytes(range(16, 32))
     assert tb != make(ODD) and tb != make(ODD, cache_keys=KEYS[::-1])
     # Aligned already (8 u16 ids): no padding at all.
-    assert len(encode_token_batch(make(cache_keys=KEYS))) == len(encode_token_batch(make())) + 32
+    keyed, bare = encode_token_batch(make(cache_keys=KEYS)), encode_token_batch(make())
+    assert len(keyed) - split(keyed)[1] == len(bare) - split(bare)[1] + 32
     typed = make(ODD, token_type_ids=np.ones(7, dtype=np.uint8), cache_keys=KEYS)
     assert decode_token_batch(encode_token_batch(typed)) == typed
 
@@ -194,7 +196,8 @@ def test_truncated_buffer() -> None:
 def test_magic_version_and_header() -> None:
     data = encode_token_batch(make())
     rejects(b"QSTX" + data[4:], "$", "magic")
-    rejects(data[:4] + struct.pack("<H", 3) + data[6:], "$", "version")
+    rejects(data[:4] + struct.pack("<H", 4) + data[6:], "$", "version")
+    rejects(data[:4] + struct.pack("<H", 2) + data[6:], "$", "version")  # no embedding_format
     rejects(data[:4] + struct.pack("<H", 1) + data[6:], "$", "version")  # no head: refused
     rejects(PREFIX.pack(b"QSTB", VERSION, 3) + b"{} ", "header", "padding")
     rejects(PREFIX.pack(b"QSTB", VERSION, 6) + b"{nope}", "header", "json")
@@ -206,6 +209,7 @@ def test_magic_version_and_header() -> None:
     rejects(with_header(data, id_width=3), "id_width", "range")
     rejects(with_header(data, item_ids=["q1", "q1"]), "item_ids[1]", "duplicate")
     rejects(with_header(data, priority="soon"), "priority", "enum")
+    rejects(with_header(data, embedding_format="hex"), "embedding_format", "enum")
     rejects(with_header(data, submitted_at=float("1e308") * -1), "submitted_at", "range")
     header, start = split(data)
     del header["tokenizer_id"]

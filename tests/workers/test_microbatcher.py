@@ -91,13 +91,13 @@ async def test_token_budget_and_length_grouping_keep_the_oldest() -> None:
     batcher = MicroBatcher(BatcherSettings(max_batch=8, token_budget=100, max_wait_ms=0))
     await batcher.submit(_tb([50] + [10] * 6 + [48] * 3))
     first = await batcher.next_batch()
-    assert first.refs[0].job.tb.batch_id == "b"
-    lengths = sorted(r.length for r in first.refs)
-    assert 0 in [r.index for r in first.refs]  # the oldest sequence is always served
+    assert [p.job.tb.batch_id for p in first.parts] == ["b"]
+    lengths = sorted(first.lengths.tolist())
+    assert 0 in first.parts[0].index  # the oldest sequence is always served
     assert len(lengths) * max(lengths) <= 100
     assert lengths == [48, 50]  # grouped with similar lengths, not the short ones
     second = await batcher.next_batch()
-    assert sorted(r.length for r in second.refs) == [10] * 6
+    assert sorted(second.lengths.tolist()) == [10] * 6
 
 
 async def test_online_before_offline() -> None:
@@ -105,7 +105,7 @@ async def test_online_before_offline() -> None:
     await batcher.submit(_tb([5] * 4, "off"), "offline")
     await batcher.submit(_tb([5] * 2, "on"), "online")
     first = await batcher.next_batch()
-    assert first.priority == "online" and {r.job.tb.batch_id for r in first.refs} == {"on"}
+    assert first.priority == "online" and {p.job.tb.batch_id for p in first.parts} == {"on"}
     second = await batcher.next_batch()
     assert second.priority == "offline" and second.size == 4
 
@@ -117,7 +117,8 @@ async def test_outputs_reassemble_per_token_batch() -> None:
     while not (fa.done() and fb.done()):
         batch = await batcher.next_batch()
         # Fake engine: output row = (index, length) of each sequence.
-        batcher.complete(batch, np.array([[r.index, r.length] for r in batch.refs], float))
+        batcher.complete(batch, np.array([[i, p.job.lengths[i]] for p in batch.parts
+                                          for i in p.index], float))
     assert fa.result().tolist() == [[0, 4], [1, 9]]
     assert fb.result().tolist() == [[0, 4], [1, 4], [2, 9]]
 
