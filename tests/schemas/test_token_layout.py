@@ -199,3 +199,29 @@ def test_dropping_a_sequence_is_refused_unless_it_was_an_items_last_doc(
     with pytest.raises(SchemaError) as info:
         encode_token_batch(smaller)
     assert info.value.rule == "seq_layout", str(info.value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(-2, 3), st.integers(0, 4)),
+                min_size=1, max_size=8),
+       st.sampled_from(["similarity", "classifier"]), st.integers(1, 4), st.integers(1, 4))
+def test_the_fast_check_accepts_exactly_what_the_rules_accept(
+        rows: list[tuple[int, int, int]], head: str, n_items: int, max_length: int) -> None:
+    # Valid batches take one combined test, the rest the rules one by one (for the precise
+    # error): the two must never disagree, or a fault would pass unnamed.
+    from schemas import Limits
+    from schemas.tokens import _check_rules, _valid_fast
+
+    lengths = np.array([n for _, _, n in rows])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.uint32)
+    h = {"item_ids": tuple(f"q{i}" for i in range(n_items)), "n_ids": int(offsets[-1]),
+         "max_length": max_length, "head": head}
+    a = {"offsets": offsets, "seq_item": np.array([i for i, _, _ in rows], dtype=np.uint32),
+         "seq_doc": np.array([d for _, d, _ in rows], dtype=np.int32)}
+    limits = Limits(max_docs_per_item=3)
+    try:
+        _check_rules(h, a, limits)
+        valid = True
+    except SchemaError:
+        valid = False
+    assert _valid_fast(h, a, limits) == valid
