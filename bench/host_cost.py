@@ -1,7 +1,8 @@
 """Host CPU per item: the local fleet on a near-free engine, CPU time per process from /proc.
 
 Run: .venv/bin/python bench/host_cost.py [--short] [--items 20000] [--per-batch 20]
-                                         [--redis | --docs 4] [--engine DIR] [--no-write]
+                                         [--redis | --docs 4 | --backlog] [--engine DIR]
+                                         [--no-write]
                                          [--profile DIR]
 The engine is a 1-layer, 32-wide random BERT with the default model's tokenizer, built FP32
 with ONNX Runtime, so what is left is the fleet's own cost. The fleet is the one `qscore up`
@@ -9,7 +10,10 @@ starts (embedded broker, 1 tokenizer service, 1 scoring worker, separate process
 queries, made unique so that no cache hides work, are published in batches of B through a
 plain Kafka client and read back by a plain consumer without a group; CPU time (utime + stime)
 of each process and its descendants is read from /proc/PID/stat around the timed stream.
-Without --redis or --docs, three runs: Redis off, Redis on, and Redis off with docs per item.
+Without --redis, --docs or --backlog, four runs: Redis off; Redis off with the worker draining a
+backlog of TokenBatches published by this process (the worker alone at saturation, as feeding a
+GPU needs; otherwise it takes records one by one at the pace of the tokenizer on the same two
+cores); Redis off with docs per item; Redis on.
 With --profile DIR, py-spy samples the worker and the tokenizer service (with its pool
 processes) during each timed stream; DIR gets their collapsed stacks and a summary is printed
 (the functions with the most samples, self and inclusive).
@@ -27,9 +31,10 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,11 +48,16 @@ TICK = os.sysconf("SC_CLK_TCK")
 class Config:
     redis: bool
     docs: int  # docs per item; 0: query-only items
+    # The worker alone at saturation: TokenBatches made here are published to the token topic
+    # before the timer starts, so the worker drains a backlog (as it must to feed a GPU)
+    # instead of taking records one by one at the pace of the tokenizer on the same cores.
+    backlog: bool = False
 
     @property
     def name(self) -> str:
         return (f"Redis {'on' if self.redis else 'off'}, "
-                + (f"{self.docs} docs per item" if self.docs else "query only"))
+                + (f"{self.docs} docs per item" if self.docs else "query only")
+                + (", worker draining a backlog" if self.backlog else ""))
 
 
 # -- the near-free engine ------------------------------------------------------------------
@@ -85,6 +95,36 @@ def tiny_engine(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     source = resolve_model(tiny_model(root))
     return ensure_engine(source, root / "engines", precision="fp32")
+
+
+def engine_alone_us(artifact: Path, queries: list[str], per_batch: int, docs: int,
+                    n: int = 4000) -> float:
+    """CPU us per item of the engine alone, in this process, as the worker runs it (all cores
+    as threads, no spinning) on the same kind of items in batches of `per_batch`: what the
+    worker's figure includes but is not its own host cost."""
+    from engines.batch import pad_gather, plan_batches
+    from engines.manifest import read_manifest
+    from engines.select import load_engine
+    from engines.tokenizer import QueryTokenizer
+    from workers.microbatcher import BatcherSettings
+
+    manifest = read_manifest(artifact)
+    engine = load_engine(artifact, threads=os.cpu_count() or 1, spin=False)
+    tokenizer = QueryTokenizer(artifact / "tokenizer" / "tokenizer.json", manifest.max_length,
+                               pairs=manifest.head == "classifier")
+    batches = make_batches(queries, n, per_batch, docs, "e")
+    tbs = [tokenizer.token_batch(b, items, submitted_at=0.0)  # type: ignore[arg-type]
+           for b, items in batches.items()]
+    limits = BatcherSettings()
+    calls = [pad_gather([(tb.input_ids, tb.token_type_ids, tb.offsets[rows], tb.lengths[rows])])
+             for tb in tbs for rows in plan_batches(tb.lengths, max_batch=limits.max_batch,
+                                                    token_budget=limits.token_budget)]
+    for batch in calls[:20]:  # warm-up
+        engine.run(batch)
+    started = time.process_time()
+    for batch in calls:
+        engine.run(batch)
+    return (time.process_time() - started) / n * 1e6
 
 
 # -- CPU time from /proc -------------------------------------------------------------------
@@ -160,6 +200,14 @@ def summarize_profile(path: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def loop_thread_seconds(pid: int) -> float:
+    """CPU time of a process's main thread: a service's event loop, where its Python runs
+    (engine lanes, ONNX Runtime and tokenizer threads are the others)."""
+    text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 # -- one fleet, one or more timed streams --------------------------------------------------
 
 def make_batches(queries: list[str], n: int, per_batch: int, docs: int,
@@ -177,10 +225,32 @@ def make_batches(queries: list[str], n: int, per_batch: int, docs: int,
             for b in range(0, n, per_batch)}
 
 
+def token_records(artifact: Path, batches: dict[str, list[object]]) -> list[bytes]:
+    """The TokenBatches the tokenizer service would publish for `batches` (cache keys too)."""
+    from engines.manifest import read_manifest
+    from engines.tokenizer import QueryTokenizer
+    from plumbing.cache import key_digest
+    from schemas import encode_token_batch
+
+    manifest = read_manifest(artifact)
+    tokenizer = QueryTokenizer(artifact / "tokenizer" / "tokenizer.json", manifest.max_length,
+                               pairs=manifest.head == "classifier")
+    out = []
+    for b, items in batches.items():
+        tb = tokenizer.token_batch(b, items, submitted_at=time.time())  # type: ignore[arg-type]
+        keys = [key_digest(manifest.version, items[i].query,  # type: ignore[attr-defined]
+                           None if d < 0 else items[i].docs[d])  # type: ignore[attr-defined]
+                for i, d in zip(tb.seq_item.tolist(), tb.seq_doc.tolist(), strict=True)]
+        keyed = replace(tb, cache_keys=np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16))
+        out.append(encode_token_batch(keyed))
+    return out
+
+
 async def stream(bootstrap: str, topic_prefix: str, partitions: int,
-                 batches: dict[str, list[object]]) -> float:
-    """Publish every batch and read every item back; seconds from first send to last item."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+                 batches: dict[str, list[object]], tokens: list[bytes] | None = None) -> float:
+    """Publish every batch (or its TokenBatch, to the token topic) and read every item back;
+    seconds from first send to last item."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     from plumbing.kafka import KafkaSettings, Topics
     from qscore.client import QueryProducer
@@ -197,11 +267,20 @@ async def stream(bootstrap: str, topic_prefix: str, partitions: int,
         consumer.assign([TopicPartition(topics.scores, p) for p in range(partitions)])
         for tp in consumer.assignment():  # positions (latest) taken before anything is sent
             await consumer.position(tp)
-        started = time.perf_counter()
+        started = time.perf_counter()  # the worker may start on the backlog as it lands
+        if tokens is not None:
+            raw = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+            await raw.start()
+            try:
+                await asyncio.gather(*[await raw.send(topics.tokens, t, key=b.encode())
+                                       for t, b in zip(tokens, batches, strict=True)])
+            finally:
+                await raw.stop()
         async with QueryProducer(kafka, topics) as producer:
-            sends = [await producer.send(items, batch_id=b)  # type: ignore[arg-type]
-                     for b, items in batches.items()]
-            await asyncio.gather(*sends)
+            if tokens is None:
+                sends = [await producer.send(items, batch_id=b)  # type: ignore[arg-type]
+                         for b, items in batches.items()]
+                await asyncio.gather(*sends)
             while left:
                 records = await consumer.getmany(timeout_ms=1000)
                 for recs in records.values():
@@ -241,18 +320,22 @@ def run_fleet(artifact: Path, queries: list[str], configs: list[Config], items: 
             asyncio.run(stream(fleet.bootstrap_servers, prefix, spec.partitions,
                                make_batches(queries, warmup, per_batch, cfg.docs, f"w{tag}")))
             batches = make_batches(queries, items, per_batch, cfg.docs, f"m{tag}")
+            tokens = token_records(artifact, batches) if cfg.backlog else None
             spies = [] if profile is None else start_profiles(
                 {n: p for n, p in procs.items() if p and not n.startswith(("tansu", "redis"))},
                 profile, f"{'redis' if cfg.redis else 'noredis'}-{cfg.docs}docs")
             before = {name: cpu_seconds(pid) for name, pid in procs.items() if pid}
+            loop_before = loop_thread_seconds(procs["scoring worker"])
             seconds = asyncio.run(stream(fleet.bootstrap_servers, prefix, spec.partitions,
-                                             batches))
+                                         batches, tokens))
             after = {name: cpu_seconds(pid) for name, pid in procs.items() if pid}
+            loop_us = (loop_thread_seconds(procs["scoring worker"]) - loop_before) / items * 1e6
             if spies:
                 stop_profiles(spies)
             results[cfg] = {"items": items, "seconds": seconds, "items_per_s": items / seconds,
                             **{name: (after[name] - before[name]) / items * 1e6
-                               for name in before}}
+                               for name in before},
+                            "scoring worker, event loop thread": loop_us}
             print(cfg.name, {k: round(v, 1) for k, v in results[cfg].items()}, flush=True)
     return results
 
@@ -266,6 +349,8 @@ def main() -> None:
                         help="items per timed run (default 20000; 2000 with --short)")
     parser.add_argument("--per-batch", type=int, default=20)
     parser.add_argument("--redis", action="store_true", help="only the Redis-on run")
+    parser.add_argument("--backlog", action="store_true",
+                        help="only the run with the worker draining a backlog")
     parser.add_argument("--docs", type=int, default=None,
                         help="only a Redis-off run with this many docs per item")
     parser.add_argument("--short", action="store_true", help="small runs (well under a minute)")
@@ -282,10 +367,11 @@ def main() -> None:
     configure_logging("warning")
     items = args.items or (2000 if args.short else 20000)
     warmup = 200 if args.short else 1000
-    if args.redis or args.docs is not None:
-        configs = [Config(redis=args.redis, docs=args.docs or 0)]
+    if args.redis or args.docs is not None or args.backlog:
+        configs = [Config(redis=args.redis, docs=args.docs or 0, backlog=args.backlog)]
     else:
-        configs = [Config(False, 0), Config(False, 4), Config(True, 0)]
+        configs = [Config(False, 0), Config(False, 0, backlog=True), Config(False, 4),
+                   Config(True, 0)]
     queries, source_name = load_queries(args.queries)
     artifact = args.engine or tiny_engine(CACHE)
     results: dict[Config, dict[str, float]] = {}
@@ -298,13 +384,21 @@ def main() -> None:
             print(summarize_profile(path))
         args.no_write = True
 
-    names = ["scoring worker", "tokenizer service (main + pool)", "tansu broker", "redis-server"]
+    alone = {docs: engine_alone_us(artifact, queries, args.per_batch, docs)
+             for docs in sorted({cfg.docs for cfg in results})}
+    for cfg, r in results.items():
+        r["engine alone"] = alone[cfg.docs]
+        r["scoring worker, own"] = r["scoring worker"] - alone[cfg.docs]
+    names = ["scoring worker", "scoring worker, event loop thread", "engine alone",
+             "scoring worker, own",
+             "tokenizer service (main + pool)", "tansu broker", "redis-server"]
     names = [n for n in names if any(n in r for r in results.values())]
     rows = [[cfg.name, f"{r['items']:,.0f}", f"{r['items_per_s']:,.0f}",
              *(f"{r[n]:,.0f}" if n in r else "-" for n in names)]
             for cfg, r in results.items()]
     table = markdown_table(["run", "items", "items/s end to end",
                             *(f"{n}, CPU us/item" for n in names)], rows)
+    print(table)
     command = " ".join(["bench/host_cost.py", *sys.argv[1:]]).replace(" --no-write", "")
     engine = (f"the engine at `{args.engine}`" if args.engine else
               "a near-free engine (a random 1-layer, 32-wide BERT with the default model's "
@@ -320,7 +414,12 @@ def main() -> None:
         f"{warmup:,} items; items/s is from the first send to the last item read. CPU is "
         "utime + stime from /proc/PID/stat over the timed stream, each process with its "
         "descendants (the tokenizer's pool processes), divided by the items. The publishing "
-        "and reading client shares the machine's cores with the fleet.\n\n"
+        "and reading client shares the machine's cores with the fleet. *Engine alone* is the "
+        "same engine in one process, as the worker runs it (all cores as threads, no "
+        "spinning), on the same kind of items in batches of the same size; *own* is the "
+        "worker's figure less that: its host cost. The *event loop thread* is the worker's "
+        "main thread alone (Kafka client, decode, batching, assembly, encode, cache writes); "
+        "engine calls and padding run on its other threads.\n\n"
         f"{table}\n\n"
         f"Command: `.venv/bin/python {command}`\n")
     print(body)
