@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--engines", type=int, default=1, help="worker engine instances")
     parser.add_argument("--threads", type=int, default=None, help="threads per instance")
+    parser.add_argument("--worker-args", default="", help="extra `qscore worker` flags")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -199,7 +200,8 @@ def main() -> None:
             "--topic-prefix", topics.scores.rsplit(".", 1)[0], "--fast-groups",
             "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
             "--metrics-port", str(port), "--log-level", "warning", "--engines", str(args.engines),
-            *(["--threads", str(args.threads)] if args.threads else [])], log_path=log).start()
+            *(["--threads", str(args.threads)] if args.threads else []),
+            *args.worker_args.split()], log_path=log).start()
         try:
             _wait_for_metrics(port, worker)
             # Warm-up: the group join, and the engine's first calls.

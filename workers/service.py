@@ -56,7 +56,8 @@ class WorkerSettings:
     group_id: str = "qscore-worker"
     max_in_flight: int = 256  # online TokenBatches being worked on
     max_in_flight_offline: int = 32
-    # Where scores are written through for the tokenizer to find; None: no cache writes.
+    # Where scores are written through for the tokenizer to find (Redis); None, or settings
+    # without a redis_url: no cache writes (nothing else would read them).
     cache: CacheSettings | None = None
     # Shell-style patterns a TokenBatch's reply_topic must match; (): topics.reply_patterns().
     reply_topics: tuple[str, ...] = ()
@@ -91,8 +92,11 @@ class ScoringWorker:
         self.settings = settings
         self.pool = EnginePool(engines, call_timeout_s=settings.engine_timeout_s)
         self.manifest = self.pool.manifest
-        self.cache = (None if settings.cache is None
-                      else ResultCache(settings.cache, self.manifest.version))
+        # The worker only writes the cache (the tokenizer reads it): without Redis there is no
+        # reader, and with it an in-process LRU here would hold entries nobody asks for.
+        self.cache = (None if settings.cache is None or settings.cache.redis_url is None
+                      else ResultCache(replace(settings.cache, local_entries=0),
+                                       self.manifest.version))
         # Token ids are checked against the vocabulary before any engine call, on every
         # backend (None: engines without an artifact on disk, as in tests).
         path = getattr(self.pool.engines[0], "path", None)
@@ -199,7 +203,8 @@ class ScoringWorker:
         pipeline = self.online if priority == "online" else self.offline
         # The tokenizer checked it too, but a TokenBatch may come from elsewhere; checked
         # before any engine work is spent on it.
-        await pipeline.check_reply(tb.reply_topic)
+        if tb.reply_topic is not None:
+            await pipeline.check_reply(tb.reply_topic)
         if tb.max_length > m.max_length:
             raise WorkerInputError(f"TokenBatch max_length {tb.max_length} exceeds the "
                                    f"engine's {m.max_length}")
