@@ -9,10 +9,15 @@ Per QueryBatch record (online and offline query topics, one consumer group):
          or offline token topic
       -> returns once the broker acknowledged every message; only then is the offset committed
 
+Without Redis nothing can hit, so the prepare call also tokenizes and packs (one pool round
+trip per record, no lookup). The records' items stay in the pool processes: this process sees
+header fields, item ids and digests, and moves encoded TokenBatches (see tokenizer_svc.pool).
+
 A record from the offline query topic, or with priority "offline", goes to the offline token
 topic (as priority "offline"), so that re-scoring backlogs never queue in front of online work;
 offline tokenizing is also limited to `processes` calls at a time, so online records always
-find a free tokenizer process soon.
+find a free tokenizer process soon. (When prepare also tokenizes, the limit applies to records
+of the offline topic only: a record's priority is known once it is decoded.)
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+import numpy as np
 import structlog
 from aiokafka import ConsumerRecord
 
@@ -36,17 +42,17 @@ from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics
 from plumbing.pipeline import PipelineSettings, RecordPipeline, UndeliverableError
 from schemas import (
     DEFAULT_LIMITS,
+    EMBEDDING_FORMATS,
+    EmbeddingFormat,
     ItemScore,
     Limits,
-    QueryBatch,
-    QueryItem,
     SchemaError,
     ScoreBatch,
     Timings,
     encode_scores_to_fit,
 )
 from tokenizer_svc.pool import Prepared, Tokenized, TokenizerPool, TokenizerSpec
-from tokenizer_svc.units import ItemKeys, cached_item
+from tokenizer_svc.units import cached_score
 
 log = structlog.get_logger(__name__)
 
@@ -70,11 +76,16 @@ class TokenizerServiceSettings:
     tokenize_chunk: int = 256
     # Shell-style patterns a QueryBatch's reply_topic must match; (): topics.reply_patterns().
     reply_topics: tuple[str, ...] = ()
+    # How scores carry embeddings for QueryBatches that do not say (schemas.scores).
+    embedding_format: EmbeddingFormat = "float"
 
     def __post_init__(self) -> None:
         for name in ("processes", "max_in_flight", "tokenize_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embedding_format not in EMBEDDING_FORMATS:
+            raise ValueError(f"embedding_format must be one of {EMBEDDING_FORMATS}, "
+                             f"not {self.embedding_format!r}")
 
 
 @dataclass(slots=True)
@@ -103,7 +114,8 @@ class TokenizerService:
         self.pool = TokenizerPool(TokenizerSpec(
             tokenizer_json=self._tokenizer_json, max_length=self.manifest.max_length,
             pairs=self.manifest.head == "classifier", model_version=self.manifest.version,
-            limits=settings.limits), settings.processes)
+            limits=settings.limits, embedding_format=settings.embedding_format),
+            settings.processes)
         self.cache = ResultCache(settings.cache, self.manifest.version)
         t = settings.topics
         self.pipeline = RecordPipeline(
@@ -113,6 +125,7 @@ class TokenizerService:
             reply_patterns=settings.reply_topics or t.reply_patterns())
         self._stats = TokenizerStats()
         self._offline_calls = asyncio.Semaphore(settings.processes)
+        self._lookups = settings.cache.redis_url is not None  # else nothing can hit
 
     @property
     def _tokenizer_json(self) -> Path:
@@ -181,67 +194,87 @@ class TokenizerService:
     # -- per record ------------------------------------------------------------------------
     async def _handle(self, record: ConsumerRecord) -> None:
         started = time.perf_counter()
+        data = record.value or b""
+        offline_topic = record.topic == self.settings.topics.queries_offline
+        # Without Redis the cache cannot hit (its in-process LRU is filled only by what Redis
+        # returned; this service never writes it), so the prepare call tokenizes too: one
+        # round trip per record. With Redis, only the misses are tokenized, by a second call.
+        upto = 0 if self._lookups else self.settings.tokenize_chunk
+        limit = self._offline_calls if upto and offline_topic else contextlib.nullcontext()
         try:
-            prepared = await self.pool.prepare(record.value or b"")
+            async with limit:
+                prepared = await self.pool.prepare(data, offline_topic=offline_topic,
+                                                   tokenize_upto=upto)
         except SchemaError as exc:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return
-        batch = prepared.batch
         try:
-            await self.pipeline.check_reply(batch.reply_topic)
+            await self.pipeline.check_reply(prepared.reply_topic)
         except (ReplyTopicError, UndeliverableError) as exc:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return
-        offline = record.topic == self.settings.topics.queries_offline or (
-            batch.priority == "offline")
-        lookups = [k.lookup for k in prepared.keys]
-        values = await self.cache.get_many([d for units in lookups for d in units])
-        hits, misses = _split_hits(prepared, lookups, values, self.manifest)
+        offline = offline_topic or prepared.priority == "offline"
+        if prepared.tokenize_error is not None:
+            raise prepared.tokenize_error
+        n_items = prepared.n_items
+        if prepared.tokenized is not None:
+            hits: list[ItemScore] = []
+            misses: np.ndarray | None = None  # all
+        else:
+            values = await self.cache.get_many(prepared.keys.lookup())
+            hits, misses = _split_hits(prepared, values, self.manifest)
+        n_misses = n_items if misses is None else len(misses)
         self._stats.batches += 1
-        self._stats.items += len(batch.items)
+        self._stats.items += n_items
         self._stats.cached_items += len(hits)
-        self._stats.tokenized_items += len(misses)
-        key = batch.batch_id.encode()
+        self._stats.tokenized_items += n_misses
+        key = prepared.batch_id.encode()
         sends: list[asyncio.Future[object]] = []
         try:
             if hits:  # first, and not waiting for the misses: the point of the cache is latency
-                sends += await self._publish_cached(batch, hits, started, key)
-            if misses:
-                sends += await self._publish_tokens(batch, prepared, misses, offline, key)
+                sends += await self._publish_cached(prepared, hits, started, key)
+            if n_misses:
+                sends += await self._publish_tokens(data, prepared, misses, offline,
+                                                    offline_topic, key)
             await asyncio.gather(*sends)
         except BaseException:
             # Whatever was already sent is still awaited, so no ack is left unobserved.
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*sends, return_exceptions=True)
             raise
-        log.debug("tokenizer.batch", batch_id=batch.batch_id, items=len(batch.items),
-                  cached=len(hits), tokenized=len(misses), offline=offline,
+        log.debug("tokenizer.batch", batch_id=prepared.batch_id, items=n_items,
+                  cached=len(hits), tokenized=n_misses, offline=offline,
                   ms=round((time.perf_counter() - started) * 1000, 2))
 
-    async def _publish_cached(self, batch: QueryBatch, hits: list[ItemScore], started: float,
+    async def _publish_cached(self, prepared: Prepared, hits: list[ItemScore], started: float,
                               key: bytes) -> list[asyncio.Future[object]]:
         now = time.time()
         scores = ScoreBatch(
-            batch_id=batch.batch_id, items=tuple(hits), model_id=self.manifest.model_id,
+            batch_id=prepared.batch_id, items=tuple(hits), model_id=self.manifest.model_id,
             produced_at=now,
             timings=Timings(tokenize_ms=(time.perf_counter() - started) * 1000,
-                            total_ms=max(0.0, (now - batch.submitted_at) * 1000)))
-        topic = batch.reply_topic or self.settings.topics.scores
+                            total_ms=max(0.0, (now - prepared.submitted_at) * 1000)),
+            embedding_format=prepared.embedding_format)
+        topic = prepared.reply_topic or self.settings.topics.scores
         sends = []
         for message in encode_scores_to_fit(scores, self.settings.limits):
             sends.append(await self.pipeline.send(topic, message, key=key))
             self._stats.score_batches += 1
         return sends
 
-    async def _publish_tokens(self, batch: QueryBatch, prepared: Prepared,
-                              misses: list[int], offline: bool,
+    async def _publish_tokens(self, data: bytes, prepared: Prepared, misses: np.ndarray | None,
+                              offline: bool, offline_topic: bool,
                               key: bytes) -> list[asyncio.Future[object]]:
-        chunk = self.settings.tokenize_chunk
-        parts = [misses[i:i + chunk] for i in range(0, len(misses), chunk)]
-        results = await asyncio.gather(*(
-            self._tokenize(batch, [batch.items[i] for i in part],
-                           [prepared.keys[i] for i in part], offline)
-            for part in parts))
+        if prepared.tokenized is not None:
+            results: Sequence[Tokenized] = (prepared.tokenized,)
+        else:
+            chunk = self.settings.tokenize_chunk
+            n = prepared.n_items if misses is None else len(misses)
+            parts: list[np.ndarray | None] = [misses] if n <= chunk else [
+                (np.arange(n) if misses is None else misses)[i:i + chunk]
+                for i in range(0, n, chunk)]
+            results = await asyncio.gather(*(
+                self._tokenize(data, prepared, part, offline, offline_topic) for part in parts))
         topics = self.settings.topics
         topic = topics.tokens_offline if offline else topics.tokens
         sends = []
@@ -254,31 +287,33 @@ class TokenizerService:
                 self._stats.token_batches += 1
         return sends
 
-    async def _tokenize(self, batch: QueryBatch, items: list[QueryItem], keys: list[ItemKeys],
-                        offline: bool) -> Tokenized:
+    async def _tokenize(self, data: bytes, prepared: Prepared, items: np.ndarray | None,
+                        offline: bool, offline_topic: bool) -> Tokenized:
         limit = self._offline_calls if offline else contextlib.nullcontext()
         async with limit:
-            return await self.pool.tokenize(
-                batch.batch_id, items, keys, submitted_at=batch.submitted_at,
-                reply_topic=batch.reply_topic, priority="offline" if offline else batch.priority)
+            return await self.pool.tokenize(data, prepared.keys, items,
+                                            offline_topic=offline_topic)
 
 
-def _split_hits(prepared: Prepared, lookups: list[tuple[bytes, ...]],
-                values: list[bytes | None], manifest: Manifest) -> tuple[list[ItemScore],
-                                                                         list[int]]:
-    """Cached ItemScores, and the indices of the items that must be tokenized."""
+def _split_hits(prepared: Prepared, values: list[bytes | None],
+                manifest: Manifest) -> tuple[list[ItemScore], np.ndarray | None]:
+    """Cached ItemScores, and the indices of the items that must be tokenized (None: all)."""
+    if values.count(None) == len(values):  # nothing hit: no per-item work
+        return [], None
     hits: list[ItemScore] = []
     misses: list[int] = []
     at = 0
-    for index, (item, units) in enumerate(zip(prepared.batch.items, lookups, strict=True)):
-        found = values[at:at + len(units)]
-        at += len(units)
-        score = cached_item(item, found, manifest.head, manifest.version)
+    for index, (item_id, n_docs) in enumerate(zip(prepared.item_ids,
+                                                  prepared.keys.n_docs.tolist(), strict=True)):
+        units = max(n_docs, 1)  # every doc, or the query alone
+        score = cached_score(item_id, n_docs, values[at:at + units], manifest.head,
+                             manifest.version)
+        at += units
         if score is None:
             misses.append(index)
         else:
             hits.append(score)
-    return hits, misses
+    return hits, np.asarray(misses, dtype=np.int64)
 
 
 def _public(stats: TokenizerStats) -> dict[str, float]:

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
 from engines.source import default_model_path
 from engines.tokenizer import QueryTokenizer, TokenizerError, tokenizer_id_of
@@ -60,3 +63,48 @@ def test_tokenizer_json_settings_do_not_leak() -> None:
 def test_missing_tokenizer_file(tmp_path: Path) -> None:
     with pytest.raises(TokenizerError, match="not found"):
         QueryTokenizer(tmp_path / "tokenizer.json", 32, pairs=False)
+
+
+def _reference(max_length: int) -> Tokenizer:
+    """The tokenizer as its file says, nothing skipped."""
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return tok
+
+
+def _same_as_reference(tok: QueryTokenizer, items: list[QueryItem]) -> None:
+    tb = tok.token_batch("x", items, submitted_at=0.0)
+    inputs: list[str | tuple[str, str]] = []
+    for it in items:
+        if tok.pairs and it.docs:
+            inputs += [(it.query, d) for d in it.docs]
+        else:
+            inputs += [it.query, *(() if tok.pairs else it.docs or ())]
+    ref = _reference(tok.max_length).encode_batch(inputs)
+    assert [tb.sequence(i).tolist() for i in range(tb.n_sequences)] == [e.ids for e in ref]
+    if tok.pairs:
+        assert [tb.sequence_type_ids(i).tolist() for i in range(tb.n_sequences)] == [
+            e.type_ids for e in ref]
+    assert tb.truncated.tolist() == [bool(e.overflowing) for e in ref]
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+                              min_size=1, max_size=60).filter(str.strip), min_size=2,
+                      max_size=6),
+       pairs=st.booleans())
+def test_printable_ascii_fast_path_gives_the_reference_ids(texts: list[str], pairs: bool) -> None:
+    # Printable ASCII skips the normalizer's Unicode work: it must not change a single id.
+    tok = QueryTokenizer(TOKENIZER, 12, pairs=pairs)
+    assert tok._ascii_tok is not None
+    _same_as_reference(tok, [QueryItem(id="a", query=texts[0], docs=tuple(texts[1:]))])
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["similarity", "classifier"])
+def test_other_text_takes_the_full_normalizer(pairs: bool) -> None:
+    items = [QueryItem(id="a", query="Café CRÈME brûlée", docs=("naïve résumé", "ab\x01cd")),
+             QueryItem(id="b", query="北京 weather\ttoday", docs=(LONG + " é",)),
+             QueryItem(id="c", query="Plain ASCII, with PUNCTUATION!", docs=(LONG,))]
+    for some in (items, items[2:]):
+        _same_as_reference(QueryTokenizer(TOKENIZER, 32, pairs=pairs), some)
