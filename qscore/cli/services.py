@@ -26,6 +26,7 @@ from qscore.cli.options import (
     engine_settings,
 )
 from qscore.cli.output import err, fail
+from schemas import EMBEDDING_FORMATS
 from workers.microbatcher import BatcherSettings
 
 
@@ -150,6 +151,10 @@ def tokenizer(
     tokenize_chunk: Annotated[int, typer.Option(envvar="QSCORE_TOKENIZE_CHUNK", min=1, help=(
         "Items per tokenizer call: a large batch is cut into chunks tokenized in "
         "parallel."))] = 256,
+    embedding_format: Annotated[str, typer.Option(
+        "--embedding-format", envvar="QSCORE_EMBEDDING_FORMAT", help=(
+            "The fleet's default for how scores carry embeddings, for query batches that do "
+            "not ask: float (JSON numbers), base64 (float32 bytes) or base64-f16."))] = "float",
 ) -> None:
     """Run a tokenizer service: query batches in; cached scores, or token batches for the
     scoring workers, out. SIGTERM or Ctrl-C drains in-flight work and commits; a second one
@@ -162,6 +167,9 @@ def tokenizer(
     )
 
     configure_logging(service.log_level)
+    if embedding_format not in EMBEDDING_FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(EMBEDDING_FORMATS)}, not "
+                                 f"{embedding_format!r}", param_hint="--embedding-format")
 
     def summary(tokenizer: TokenizerService) -> str:
         s = tokenizer.stats
@@ -175,7 +183,8 @@ def tokenizer(
             kafka=kafka, topics=topics, artifact=path, cache=service.cache,
             reply_topics=service.reply_topics,
             processes=processes, group_id=group_id, max_in_flight=max_in_flight,
-            tokenize_chunk=tokenize_chunk)
+            tokenize_chunk=tokenize_chunk,
+            embedding_format=embedding_format)  # type: ignore[arg-type]
         serve(lambda: TokenizerService(settings), service, metrics_prefix="qscore_tokenizer",
               summary=summary)  # type: ignore[arg-type]
     except (EngineError, TokenizerServiceError, OSError) as exc:

@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -54,11 +55,11 @@ def sample_batches(n_batches: int, per_batch: int, *, max_docs: int = 1,
 
 @contextlib.asynccontextmanager
 async def in_process_tokenizer(kafka: KafkaSettings, topics: Topics, artifact: Path,
-                               cache: CacheSettings, group: str) -> AsyncIterator[
-                                   TokenizerService]:
+                               cache: CacheSettings, group: str,
+                               **settings: Any) -> AsyncIterator[TokenizerService]:
     service = TokenizerService(TokenizerServiceSettings(
         kafka=kafka, topics=topics, cache=cache, artifact=artifact, processes=1,
-        group_id=group))
+        group_id=group, **settings))
     await service.start()
     task = asyncio.create_task(service.run())
     try:
