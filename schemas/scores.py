@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
@@ -308,15 +309,20 @@ def encode_score_arrays(sa: ScoreArrays, limits: Limits = DEFAULT_LIMITS) -> lis
     fmt = sa.embedding_format
     scores = np.ascontiguousarray(sa.scores, dtype=np.float32)
     offsets = sa.score_offsets.tolist()
-    items = []
-    for i, item_id in enumerate(sa.item_ids):
-        embedding = None
-        if has is not None and has[i]:
-            embedding = pack_embedding(emb[i], fmt) if fmt != "float" else (  # type: ignore[index]
-                np.ascontiguousarray(emb[i], dtype=np.float32))  # type: ignore[index]
-        items.append({"id": item_id, "scores": scores[offsets[i]:offsets[i + 1]],
-                      "cached": False, "model_version": sa.model_version,
-                      "embedding": embedding, "error": None})
+    # Per item only what JSON needs per item: a row view per embedding and score list (orjson
+    # writes float32 arrays itself), none for an item without scores.
+    score_lists: list[object] = [scores[lo:hi] if hi > lo else ()
+                                 for lo, hi in itertools.pairwise(offsets)]
+    embeddings: list[object] = [None] * n
+    if has is not None and emb is not None:
+        rows = np.ascontiguousarray(emb, dtype=np.float32)
+        for i in np.flatnonzero(has).tolist():
+            embeddings[i] = rows[i] if fmt == "float" else pack_embedding(rows[i], fmt)
+    version = sa.model_version
+    items = [{"id": item_id, "scores": item_scores, "cached": False, "model_version": version,
+              "embedding": embedding, "error": None}
+             for item_id, item_scores, embedding in zip(sa.item_ids, score_lists, embeddings,
+                                                        strict=True)]
     obj: dict[str, Any] = {"v": c.VERSION, "batch_id": sa.batch_id, "model_id": sa.model_id,
                            "produced_at": sa.produced_at, "timings": sa.timings.to_obj(),
                            "items": items}

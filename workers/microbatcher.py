@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,16 +27,16 @@ Priority = Literal["online", "offline"]
 
 @dataclass(eq=False, slots=True)
 class Job:
-    """One TokenBatch waiting for its sequences' outputs. Its sequences queue as an index
-    array (`pending`), never as one Python object each: the host cost per item is what
-    decides whether one process can feed a GPU."""
+    """One TokenBatch waiting for its sequences' outputs. Its sequences queue as entries of
+    the batcher's flat arrays (_Queue), never as one Python object each: the host cost per
+    item is what decides whether one process can feed a GPU."""
 
     tb: TokenBatch
     future: asyncio.Future[np.ndarray]
     enqueued_at: float
     lengths: np.ndarray  # int64 [n_seq]
-    pending: np.ndarray  # int64: indices of the sequences not yet in a batch, ascending
     remaining: int  # sequences without an output yet
+    queued: int = 0  # sequences still in the queue (not yet in a batch)
     outputs: np.ndarray | None = None
 
     def deliver(self, index: np.ndarray, rows: np.ndarray) -> None:
@@ -66,10 +65,10 @@ class MicroBatch:
     parts: list[Part]
     priority: Priority
     formed_at: float = field(default_factory=time.perf_counter)
+    size: int = field(init=False)  # rows: read often (pool, stats), counted once
 
-    @property
-    def size(self) -> int:
-        return sum(len(p.index) for p in self.parts)
+    def __post_init__(self) -> None:
+        self.size = sum(len(p.index) for p in self.parts)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -98,6 +97,72 @@ class MicroBatch:
         return self.formed_at - min(p.job.enqueued_at for p in self.parts)
 
 
+class _Queue:
+    """Pending sequences of one priority in arrival order, as three flat arrays (job serial,
+    sequence index, length) between `head` and `tail`: submitting appends a TokenBatch's
+    sequences with three slice copies, and taking a batch compacts the window it chose from
+    with a few vector operations, whatever the number of TokenBatches in it."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.job = np.zeros(capacity, dtype=np.int64)
+        self.seq = np.zeros(capacity, dtype=np.int64)
+        self.length = np.zeros(capacity, dtype=np.int64)
+        self.head = self.tail = 0
+        self.jobs: dict[int, Job] = {}  # serial -> Job, while any of its sequences is queued
+
+    def __len__(self) -> int:
+        return self.tail - self.head
+
+    def oldest(self) -> Job:
+        return self.jobs[int(self.job[self.head])]
+
+    def append(self, serial: int, job: Job) -> None:
+        n = len(job.lengths)
+        if self.tail + n > len(self.job):
+            self._make_room(n)
+        end = self.tail + n
+        self.job[self.tail:end] = serial
+        self.seq[self.tail:end] = np.arange(n)
+        self.length[self.tail:end] = job.lengths
+        self.tail = end
+        job.queued = n
+        self.jobs[serial] = job
+
+    def _make_room(self, n: int) -> None:
+        live = len(self)
+        size = len(self.job)
+        while live + n > size // 2:  # keep appends amortised O(1)
+            size *= 2
+        for name in ("job", "seq", "length"):
+            old = getattr(self, name)
+            new = old if size == len(old) else np.zeros(size, dtype=np.int64)
+            new[:live] = old[self.head:self.tail]
+            setattr(self, name, new)
+        self.head, self.tail = 0, live
+
+    def take(self, chosen: np.ndarray, window: int) -> list[Part]:
+        """Remove window positions `chosen` (ascending); the rest of the window keeps its order.
+        The batch's rows, grouped by TokenBatch."""
+        at = self.head + chosen
+        jobs, seqs = self.job[at], self.seq[at]
+        keep = np.ones(window, dtype=bool)
+        keep[chosen] = False
+        k = len(chosen)
+        for arr in (self.job, self.seq, self.length):
+            arr[self.head + k:self.head + window] = arr[self.head:self.head + window][keep]
+        self.head += k
+        # A job's sequences are contiguous in arrival order, so its rows form one run.
+        cuts = (np.flatnonzero(jobs[1:] != jobs[:-1]) + 1).tolist()
+        parts = []
+        for lo, hi in zip([0, *cuts], [*cuts, k], strict=True):
+            job = self.jobs[int(jobs[lo])]
+            job.queued -= hi - lo
+            if not job.queued:
+                del self.jobs[int(jobs[lo])]
+            parts.append(Part(job, seqs[lo:hi]))
+        return parts
+
+
 @dataclass(frozen=True, slots=True)
 class BatcherSettings:
     max_batch: int = 64
@@ -120,8 +185,8 @@ class MicroBatcher:
         """`clock` times arrivals, waits and batch formation (tests pass a fake one)."""
         self.settings = settings
         self._clock = clock
-        self._queues: dict[Priority, deque[Job]] = {"online": deque(), "offline": deque()}
-        self._depth: dict[Priority, int] = {"online": 0, "offline": 0}  # pending sequences
+        self._queues: dict[Priority, _Queue] = {"online": _Queue(), "offline": _Queue()}
+        self._serial = 0  # jobs in submission order
         self._arrived = asyncio.Event()
         self._space = asyncio.Condition()
         self._last_submit: float | None = None
@@ -129,8 +194,8 @@ class MicroBatcher:
 
     def depth(self, priority: Priority | None = None) -> int:
         if priority is not None:
-            return self._depth[priority]
-        return self._depth["online"] + self._depth["offline"]
+            return len(self._queues[priority])
+        return len(self._queues["online"]) + len(self._queues["offline"])
 
     async def submit(self, tb: TokenBatch, priority: Priority = "online") -> asyncio.Future[
             np.ndarray]:
@@ -140,11 +205,11 @@ class MicroBatcher:
         when the queue is empty, so nothing is unschedulable).
         """
         n = tb.n_sequences
-        if self._depth[priority] and self._depth[priority] + n > self.settings.capacity:
+        queue = self._queues[priority]
+        if len(queue) and len(queue) + n > self.settings.capacity:
             async with self._space:  # only when full: the lock costs more than the check
                 await self._space.wait_for(
-                    lambda: not self._depth[priority]
-                    or self._depth[priority] + n <= self.settings.capacity)
+                    lambda: not len(queue) or len(queue) + n <= self.settings.capacity)
         loop = asyncio.get_running_loop()
         now = self._clock()
         if self._last_submit is not None:
@@ -153,12 +218,12 @@ class MicroBatcher:
                 0.8 * self.mean_gap_s + 0.2 * gap)
         self._last_submit = now
         job = Job(tb=tb, future=loop.create_future(), enqueued_at=now, lengths=tb.lengths,
-                  pending=np.arange(n), remaining=n)
+                  remaining=n)
         if n == 0:
             job.future.set_result(np.empty((0,), dtype=np.float32))
             return job.future
-        self._queues[priority].append(job)
-        self._depth[priority] += n
+        self._serial += 1
+        queue.append(self._serial, job)
         self._arrived.set()
         return job.future
 
@@ -166,16 +231,16 @@ class MicroBatcher:
         """Wait for work, then form one batch (see module docstring)."""
         s = self.settings
         while True:
-            priority: Priority = "online" if self._depth["online"] else "offline"
+            priority: Priority = "online" if len(self._queues["online"]) else "offline"
             queue = self._queues[priority]
-            if not queue:
+            if not len(queue):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if (self._depth[priority] >= s.max_batch or s.max_wait_ms == 0
+            if (len(queue) >= s.max_batch or s.max_wait_ms == 0
                     or self.mean_gap_s * 1000 > s.max_wait_ms):
                 break
-            wait = queue[0].enqueued_at + s.max_wait_ms / 1000 - self._clock()
+            wait = queue.oldest().enqueued_at + s.max_wait_ms / 1000 - self._clock()
             if wait <= 0:
                 break
             self._arrived.clear()
@@ -198,43 +263,13 @@ class MicroBatcher:
         """
         s = self.settings
         queue = self._queues[priority]
-        jobs: list[Job] = []
-        seqs: list[np.ndarray] = []
-        count = 0
-        for job in queue:  # the window: oldest first (jobs in order, sequences in order)
-            jobs.append(job)
-            seqs.append(job.pending[:s.window - count])
-            count += len(seqs[-1])
-            if count >= s.window:
-                break
-        lengths = np.concatenate([j.lengths[q] for j, q in zip(jobs, seqs, strict=True)])
-        n = len(lengths)
+        n = min(len(queue), s.window)
+        lengths = queue.length[queue.head:queue.head + n]
         if n <= s.max_batch and n * int(lengths.max()) <= s.token_budget:
             chosen = np.arange(n)  # everything fits: the common case under moderate load
         else:
-            chosen = _closest_block(lengths, s.max_batch, s.token_budget)
-        # Window position -> (job, sequence); rows are grouped by job for delivery.
-        taken = np.zeros(n, dtype=bool)
-        taken[chosen] = True
-        parts: list[Part] = []
-        at = 0
-        for job, q in zip(jobs, seqs, strict=True):
-            mine = taken[at:at + len(q)]
-            at += len(q)
-            if mine.all():
-                parts.append(Part(job, q))
-                job.pending = job.pending[len(q):]
-            elif mine.any():
-                parts.append(Part(job, q[mine]))
-                job.pending = np.concatenate([q[~mine], job.pending[len(q):]])
-        for _ in range(len(jobs)):  # drop the jobs now fully taken, keep the others' order
-            if queue[0].pending.size:
-                queue.rotate(-1)
-            else:
-                queue.popleft()
-        queue.rotate(sum(1 for j in jobs if j.pending.size))
-        self._depth[priority] -= len(chosen)
-        return parts
+            chosen = np.sort(_closest_block(lengths, s.max_batch, s.token_budget))
+        return queue.take(chosen, n)
 
     @staticmethod
     def complete(batch: MicroBatch, outputs: np.ndarray) -> None:
