@@ -183,6 +183,7 @@ class ResultCache:
         self._down_until = 0.0  # clock() before which Redis is skipped
         self._outage = False  # warned about a failure, no success since
         self._where = settings.safe_url
+        self._put_script: Any = None  # registered on first use (EVALSHA, loaded if missing)
 
     @property
     def redis_available(self) -> bool:
@@ -237,19 +238,27 @@ class ResultCache:
         return found
 
     async def put_many(self, entries: Sequence[tuple[bytes, bytes]]) -> None:
-        """Store values in the LRU and, in one pipelined round trip, in Redis with the TTL."""
+        """Store values in the LRU and, in one command and one round trip, in Redis with the
+        TTL: a script that SETs every key with EX (a pipeline of SET EX costs redis-py a
+        command build and a reply parse per entry: ~30 us an item on the worker's loop)."""
         self._check_started()
-        for d, v in entries:
-            self._local_put(_digest(d), v)
+        for d, _ in entries:
+            _digest(d)
+        if self.settings.local_entries:
+            for d, v in entries:
+                self._local_put(d, v)
         self.stats.writes += len(entries)
         if not entries or self._redis is None:
             return
+        keys = [self._key(d) for d, _ in entries]
+        args = [v for _, v in entries]
+        args.append(self.settings.ttl_s)
+        script = self._put_script
+        if script is None:
+            script = self._put_script = self._redis.register_script(_PUT_SCRIPT)
 
-        async def write(r: Redis) -> list[Any]:
-            async with r.pipeline(transaction=False) as pipe:
-                for d, v in entries:
-                    pipe.set(self._key(d), v, ex=self.settings.ttl_s)
-                return await pipe.execute()
+        async def write(r: Redis) -> Any:
+            return await script(keys=keys, args=args, client=r)
 
         await self._call(write)
 
@@ -304,6 +313,17 @@ class ResultCache:
         self._local.move_to_end(digest)
         while len(self._local) > self.settings.local_entries:
             self._local.popitem(last=False)
+
+
+# Every KEYS[i] gets ARGV[i] with the TTL in the last ARGV. Keys of one call need not share a
+# hash slot on a single Redis; Redis Cluster would refuse a multi-key script across slots.
+_PUT_SCRIPT = """
+local ttl = ARGV[#ARGV]
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i], 'EX', ttl)
+end
+return #KEYS
+"""
 
 
 def _digest(d: bytes) -> bytes:
