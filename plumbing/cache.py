@@ -47,6 +47,19 @@ def key_digest(model_version: str, query: str, doc: str | None) -> bytes:
     return h.digest()
 
 
+def query_digests(model_version: str, query: str, docs: Sequence[str]) -> list[bytes]:
+    """`key_digest` of the query alone, then of (query, doc) for each doc: the hash state after
+    the version and the query is computed once and copied (blake2b streams)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"qscore-cache-v1")
+    h.update(_part(model_version) + _part(query))
+    out = []
+    for tail in (b"\0", *(b"\1" + _part(d) for d in docs)):
+        unit = h.copy()
+        unit.update(tail)
+        out.append(unit.digest())
+    return out
+
+
 def _part(text: str) -> bytes:
     raw = text.encode()
     return _LEN.pack(len(raw)) + raw

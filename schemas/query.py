@@ -54,6 +54,27 @@ class QueryItem:
         return obj
 
 
+def _plain_item(obj: object, limits: Limits) -> QueryItem | None:
+    """The common item (ASCII strings within the limits, no extra keys) without building a
+    field path per check; None for anything else, which QueryItem.from_obj then validates
+    (and refuses with the precise error). Must accept nothing that from_obj refuses."""
+    if type(obj) is not dict or not 2 <= len(obj) <= 3:
+        return None
+    item_id, query, docs = obj.get("id"), obj.get("query"), obj.get("docs")
+    if (type(item_id) is not str or type(query) is not str or not item_id or not query
+            or (len(obj) == 3 and "docs" not in obj)
+            or len(item_id) > limits.max_id_chars or len(query) > limits.max_query_chars
+            or not (item_id.isascii() and query.isascii()) or query.isspace()):
+        return None
+    if docs is None:
+        return QueryItem(item_id, query, None)
+    if (type(docs) is not list or not 1 <= len(docs) <= limits.max_docs_per_item
+            or not all(type(d) is str and d and len(d) <= limits.max_doc_chars and d.isascii()
+                       for d in docs)):
+        return None
+    return QueryItem(item_id, query, tuple(docs))
+
+
 def _docs(value: object, field: str, limits: Limits) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -82,7 +103,8 @@ class QueryBatch:
         batch_id = c.text(m["batch_id"], "batch_id", limits.max_id_chars, blank_ok=True)
         raw_items = c.array(m["items"], "items", limits.max_items, min_items=1)
         items = tuple(
-            QueryItem.from_obj(it, limits, f"items[{i}]") for i, it in enumerate(raw_items)
+            _plain_item(it, limits) or QueryItem.from_obj(it, limits, f"items[{i}]")
+            for i, it in enumerate(raw_items)
         )
         c.unique((it.id for it in items), "items[{}].id")
         return cls(

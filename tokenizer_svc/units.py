@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plumbing.cache import DIGEST_BYTES, decode_floats, key_digest
+from plumbing.cache import DIGEST_BYTES, decode_floats, key_digest, query_digests
 from schemas import ItemScore, QueryItem
 
 
@@ -146,7 +146,6 @@ def batch_keys(items: Sequence[QueryItem], model_version: str) -> BatchKeys:
     """Every unit digest of `items` (the same digests `item_keys` gives, in one blob)."""
     parts: list[bytes] = []
     for item in items:
-        parts.append(key_digest(model_version, item.query, None))
-        parts.extend(key_digest(model_version, item.query, d) for d in item.docs or ())
+        parts.extend(query_digests(model_version, item.query, item.docs or ()))
     n_docs = np.fromiter((len(it.docs or ()) for it in items), dtype=np.int64, count=len(items))
     return BatchKeys(b"".join(parts), n_docs)

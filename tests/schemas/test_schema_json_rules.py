@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas import (
     DeadLetter,
@@ -351,3 +353,25 @@ def test_dead_letter_rules() -> None:
     with pytest.raises(SchemaError) as info:
         encode_dead_letter(too_big, small)
     assert (info.value.field, info.value.rule) == ("original", "max_bytes")
+
+
+_texts = st.one_of(st.text(max_size=6), st.sampled_from(["", " ", "\t", "é", "a" * 9, "q"]))
+_values = st.one_of(_texts, st.integers(-2, 2), st.none(), st.booleans(),
+                    st.lists(_texts, max_size=4), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "query", "docs", "extra"]), _values, max_size=4))
+def test_the_plain_item_fast_path_accepts_only_what_the_rules_accept(obj: dict) -> None:
+    # Query items skip building a field path per check when they are plain; the fast path
+    # must never let through what QueryItem.from_obj refuses, and must agree on the value.
+    from schemas.query import _plain_item
+
+    limits = Limits(max_id_chars=8, max_query_chars=8, max_doc_chars=8, max_docs_per_item=3)
+    fast = _plain_item(obj, limits)
+    try:
+        checked = QueryItem.from_obj(obj, limits)
+    except SchemaError:
+        assert fast is None
+        return
+    assert fast is None or fast == checked
