@@ -355,7 +355,10 @@ def _int_array(value: object, field: str, lo: int, hi: int, dtype: str) -> np.nd
     if arr.ndim != 1 or not integral:
         got = f"{arr.dtype}{arr.shape}"
         raise SchemaError(field, "type", f"expected a 1-D integer array, got {got}")
-    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+    # A dtype whose whole range fits (uint32 ids into 0..2**32-1) needs no pass over values.
+    fits = arr.dtype.kind == "b" or (np.iinfo(arr.dtype).min >= lo
+                                     and np.iinfo(arr.dtype).max <= hi)
+    if arr.size and not fits and (int(arr.min()) < lo or int(arr.max()) > hi):
         raise SchemaError(field, "range", f"values outside {lo}..{hi}")
     return arr.astype(dtype, copy=False)
 
