@@ -25,12 +25,14 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import load_queries, machine, markdown_table, percentiles, write_section
+from bench.host_cost import cpu_seconds, loop_thread_seconds
 
 
 def bare_engine(path: Path, queries: list[str], max_batch: int,
-                per_message: int) -> tuple[float, float]:
-    """Engine alone on the same real queries: items/s at full batches (the ceiling), and the
-    time of one call the size of one message (the low-load latency floor)."""
+                per_message: int) -> tuple[float, float, float]:
+    """Engine alone on the same real queries: items/s at full batches (the ceiling), the
+    time of one call the size of one message (the low-load latency floor), and the cores it
+    kept busy (CPU seconds per second) reaching that ceiling."""
     from engines.loader import load_engine
     from engines.tokenizer import QueryTokenizer
     from schemas import QueryItem
@@ -43,16 +45,18 @@ def bare_engine(path: Path, queries: list[str], max_batch: int,
     limits = BatchLimits(max_batch=max_batch)
     window = 512  # what a worker's queue holds at saturation, not the whole set sorted
     run_token_batch(engine, tok.token_batch("w", items[:window], submitted_at=0), limits)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(items), window):
         run_token_batch(engine, tok.token_batch("b", items[i:i + window], submitted_at=0),
                         limits)
-    capacity = len(items) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    capacity = len(items) / seconds
+    cores = (time.process_time() - cpu) / seconds
     small = [run_token_batch(engine, tok.token_batch("s", items[i:i + per_message],
                                                      submitted_at=0), limits).batch_ms[0]
              for i in range(0, 100 * per_message, per_message)]
     engine.close()
-    return capacity, float(np.median(small))
+    return capacity, float(np.median(small)), cores
 
 
 async def broker_hop_ms(bootstrap: str, topic: str, n: int = 50) -> float:
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
+    from engines.manifest import read_manifest
     from engines.select import EngineSettings, find_artifact
     from engines.source import resolve_model
     from engines.tokenizer import QueryTokenizer
@@ -176,10 +181,10 @@ def main() -> None:
     queries, source_name = load_queries(args.queries)
     path = find_artifact(EngineSettings(engine_dir=DEFAULT_ENGINE_DIR))
     source = resolve_model("default")
-    capacity, small_call_ms = bare_engine(path, queries[:2000], args.max_batch,
-                                          args.items_per_message)
-    print(f"bare engine: {capacity:,.0f} items/s at batch {args.max_batch}; "
-          f"one {args.items_per_message}-query call {small_call_ms:.1f} ms")
+    capacity, small_call_ms, bare_cores = bare_engine(path, queries[:2000], args.max_batch,
+                                                      args.items_per_message)
+    print(f"bare engine: {capacity:,.0f} items/s at batch {args.max_batch} on {bare_cores:.2f} "
+          f"cores; one {args.items_per_message}-query call {small_call_ms:.1f} ms")
 
     tok = QueryTokenizer(path / "tokenizer" / "tokenizer.json", source.max_length, pairs=False)
     k = args.items_per_message
@@ -207,10 +212,22 @@ def main() -> None:
             # Warm-up: the group join, and the engine's first calls.
             asyncio.run(run_step(broker.bootstrap_servers, topics, messages, capacity * 0.2, k,
                                  2.0))
+            pids = {"worker": worker.pid, "broker": broker.pid}
             for load in (float(x) for x in args.loads.split(",")):
                 before = scrape(port)
+                cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                loop0, wall0 = loop_thread_seconds(worker.pid), time.perf_counter()
+                own0 = time.process_time()  # this process alone (the others are its children)
                 result = asyncio.run(run_step(broker.bootstrap_servers, topics, messages,
                                               capacity * load, k, args.step_seconds))
+                wall = time.perf_counter() - wall0
+                cores = {name: (cpu_seconds(pid) - cpu0[name]) / wall
+                         for name, pid in pids.items()}
+                loop = (loop_thread_seconds(worker.pid) - loop0) / wall
+                result["engine_cores"] = cores["worker"] - loop  # lanes, ONNX Runtime threads
+                result["loop_cores"] = loop
+                result["broker_cores"] = cores["broker"]
+                result["bench_cores"] = (time.process_time() - own0) / wall
                 after = scrape(port)
                 batches = after["qscore_worker_worker_batches"] - before[
                     "qscore_worker_worker_batches"]
@@ -222,27 +239,44 @@ def main() -> None:
         finally:
             worker.stop()
 
+    per_core = capacity / bare_cores
+    manifest = read_manifest(path)
+    engine_desc = (f"{manifest.backend} {manifest.precision}, {args.engines} engine "
+                   f"instance(s) x {args.threads or 'all cores / instances'} threads"
+                   + (f", `{args.worker_args}`" if args.worker_args else ""))
     table = markdown_table(
         ["offered load", "offered items/s", "mean batch", "p50 ms", "p99 ms",
-         "delivered items/s", "vs bare engine", "lost"],
+         "delivered items/s", "vs bare engine", "lost", "cores: engine threads / worker loop "
+         "/ broker / bench", "delivered per engine core vs bare"],
         [[f"{load:.0%}", f"{r['offered']:,.0f}", f"{r['mean_batch']:.1f}", f"{r['p50']:.1f}",
           f"{r['p99']:.1f}", f"{r['throughput']:,.0f}", f"{r['throughput'] / capacity:.0%}",
-          str(r["lost"])] for load, r in rows])
+          str(r["lost"]), f"{r['engine_cores']:.2f} / {r['loop_cores']:.2f} / "
+          f"{r['broker_cores']:.2f} / {r['bench_cores']:.2f}",
+          f"{r['throughput'] / max(r['engine_cores'], 1e-9) / per_core:.0%}"]
+         for load, r in rows])
     body = (
         "## Batching under load (`bench/batching.py`)\n\n"
-        f"Machine: {machine()}. One scoring worker process (ONNX Runtime FP32, all-MiniLM-L6-v2, "
+        f"Machine: {machine()}. One scoring worker process ({engine_desc}, all-MiniLM-L6-v2, "
         f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms) beside the embedded broker "
         f"(tansu); the bench process publishes pre-tokenized real queries ({source_name}) as "
         f"TokenBatches of {k} queries at a fixed rate for {args.step_seconds:.0f} s per step and "
         "reads the scores back. Latency: publish -> ScoreBatch received. All on the same 2 "
         "cores, so broker and bench compete with the engine.\n\n"
         f"Bare engine in the same run: **{capacity:,.0f} items/s** (batch {args.max_batch}, "
-        f"length-sorted windows of 512); one {k}-query call: {small_call_ms:.1f} ms; one "
+        f"length-sorted windows of 512) on {bare_cores:.2f} cores, {per_core:,.0f} items/s "
+        f"per core; one {k}-query call: {small_call_ms:.1f} ms; one "
         f"broker hop (publish -> fetched, a {hop_ms:.1f} ms median) is paid twice per request "
-        "(tokens in, scores out).\n\n"
+        "(tokens in, scores out). Cores are CPU seconds per second of each step from "
+        "/proc: the worker's event-loop thread apart from its other threads (engine lanes, "
+        "ONNX Runtime), the broker, and this bench process (publisher and reader); *delivered "
+        "per engine core vs bare* compares the worker's items per engine-thread core with the "
+        "bare engine's items per core.\n\n"
         f"{table}\n\n"
         f"Command: `.venv/bin/python bench/batching.py --step-seconds {args.step_seconds:g} "
-        f"--items-per-message {k}`\n")
+        f"--items-per-message {k}"
+        + (f" --engines {args.engines}" if args.engines != 1 else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --worker-args='{args.worker_args}'" if args.worker_args else "") + "`\n")
     print(body)
     if not args.no_write:
         write_section("batching", body)
