@@ -284,8 +284,9 @@ async def test_publish_command_reads_stdin(
 async def test_consume_command_writes_jsonl_and_stops(
     settings: KafkaSettings, topics: Topics, topic_name: str, tmp_path: Path
 ) -> None:
-    with_embedding = ScoreBatch("c2", (ItemScore("e", (), False, "v1", (0.6, 0.8)),), "m",
-                                time.time(), Timings())
+    # Embedding sent as base64 float32 bytes: consume writes floats whatever the format.
+    with_embedding = ScoreBatch("c2", (ItemScore("e", (), False, "v1", (0.5, -0.25)),), "m",
+                                time.time(), Timings(), embedding_format="base64")
     await _publish_raw(settings, topics.scores, encode_score_batch(_scores("c1", "q1", "q2")),
                        encode_score_batch(_scores("c1", "q1")), encode_score_batch(with_embedding),
                        encode_score_batch(_scores("c3", "q1")))
@@ -301,7 +302,7 @@ async def test_consume_command_writes_jsonl_and_stops(
         {"batch_id": "c1", "id": "q2", "scores": [0.25, 0.75], "cached": False,
          "model_version": "v1"},
         {"batch_id": "c2", "id": "e", "scores": [], "cached": False, "model_version": "v1",
-         "embedding": [0.6, 0.8]},
+         "embedding": [0.5, -0.25]},
     ]
 
     # The idle clock starts once the consumer has its partitions and every record restarts it,
