@@ -26,7 +26,9 @@ from tests.integration.fleet_helpers import (
 )
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(bool(os.environ.get("QSCORE_TEST_KAFKA")),
+                                 reason="uses the embedded broker's address")]
 
 
 def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
@@ -65,8 +67,6 @@ def _consume(bootstrap: str, topics: list[str], want: int, group: str) -> list[t
 async def test_a_librdkafka_producer_and_consumer_use_the_fleet(
         kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str,
         default_engine_path: Path) -> None:
-    if os.environ.get("QSCORE_TEST_KAFKA"):
-        pytest.skip("uses the embedded broker's address")
     kafka = kafka_settings(kafka_bootstrap)
     topics = await make_topics(create_topic, topic_name, partitions=2)
     batches = sample_batches(6, 5, tag="rd")
@@ -102,8 +102,6 @@ async def test_base64_embeddings_read_by_a_librdkafka_consumer_with_plain_base64
     # The same queries asked for as JSON floats, as float32 bytes and as float16 bytes, and
     # one batch that does not ask (the fleet's default, base64 here): what a consumer in the
     # wild decodes with its own base64 and a little-endian array view.
-    if os.environ.get("QSCORE_TEST_KAFKA"):
-        pytest.skip("uses the embedded broker's address")
     kafka = kafka_settings(kafka_bootstrap)
     topics = await make_topics(create_topic, topic_name, partitions=2)
     queries = ["red running shoes", "how tall is the eiffel tower", "python asyncio queue"]
