@@ -15,12 +15,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
 
 from engines.errors import ArtifactError
-from engines.manifest import verify_artifact
+from engines.manifest import hash_files, read_manifest, verify_artifact, write_manifest
 from engines.quantize import QuantSpec, file_digest
 from engines.registry import EngineRegistry, model_dir
 from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource, default_sample_log
@@ -122,7 +123,26 @@ def build_dir(source: ModelSource, target: Path) -> Iterator[Path]:
 
 
 def move_into_place(work: Path, target: Path) -> None:
-    """A finished build dir becomes the artifact in one rename (a stale one is replaced)."""
+    """A finished build dir gets its golden set, then becomes the artifact in one rename (a
+    stale one is replaced)."""
+    add_golden(work)
     if target.exists():
         shutil.rmtree(target)
     os.replace(work, target)
+
+
+def add_golden(work: Path) -> None:
+    """Load the engine just built and store its outputs on the golden set (engines.golden),
+    listed and checksummed in the manifest like every other file."""
+    from engines.golden import GOLDEN_FILE, write_golden
+    from engines.loader import load_engine
+
+    engine = load_engine(work, threads=1, check_memory=False, lanes=1, graphs=False)
+    try:
+        write_golden(engine, work)
+    finally:
+        engine.close()
+    manifest = read_manifest(work)
+    files = dict(manifest.files)
+    files[GOLDEN_FILE] = hash_files(work, [GOLDEN_FILE])[GOLDEN_FILE]
+    write_manifest(work, replace(manifest, files=files))

@@ -10,6 +10,7 @@ import pytest
 
 from engines.build import ensure_engine
 from engines.errors import BuildError
+from engines.golden import check_golden
 from engines.loader import load_engine
 from engines.quantize import QuantSpec, spearman
 from engines.source import resolve_model
@@ -48,6 +49,10 @@ def test_level_2_engine_is_recorded_and_close_to_fp32(default_engine_path: Path,
     assert {"mean_cosine", "p1_cosine", "spearman", "items_per_s"} <= set(m.accuracy)
     assert m.build["from_fp32"] == default_engine_path.name
     assert m.version != default_engine_path.name and path.name == m.version
+    # Its golden set: a dynamically quantized engine reproduces its own build-time outputs
+    # when run on the same batch, in a fresh session with other threads.
+    report = check_golden(engine)
+    assert report.ok and report.worst > 0.9999, report.summary()
 
     # Measured again here, on labelled texts the build never saw.
     fp32 = load_engine(default_engine_path, threads=2)
