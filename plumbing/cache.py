@@ -250,10 +250,13 @@ class ResultCache:
         self.stats.misses += sum(v is None for v in found)
         return found
 
-    async def put_many(self, entries: Sequence[tuple[bytes, bytes]]) -> None:
+    async def put_many(self, entries: Sequence[tuple[bytes, bytes]], *,
+                       version: str | None = None) -> None:
         """Store values in the LRU and, in one command and one round trip, in Redis with the
         TTL: a script that SETs every key with EX (a pipeline of SET EX costs redis-py a
-        command build and a reply parse per entry: ~30 us an item on the worker's loop)."""
+        command build and a reply parse per entry: ~30 us an item on the worker's loop).
+        `version`: the model version the values were computed by (default: the cache's), the
+        key's readable part; a worker that swapped engines writes under the new one."""
         self._check_started()
         for d, _ in entries:
             _digest(d)
@@ -263,7 +266,8 @@ class ResultCache:
         self.stats.writes += len(entries)
         if not entries or self._redis is None:
             return
-        keys = [self._key(d) for d, _ in entries]
+        keys = [redis_key(self.settings.key_prefix, version or self.model_version, d)
+                for d, _ in entries]
         args = [v for _, v in entries]
         args.append(self.settings.ttl_s)
         script = self._put_script

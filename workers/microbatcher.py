@@ -38,6 +38,7 @@ class Job:
     remaining: int  # sequences without an output yet
     queued: int = 0  # sequences still in the queue (not yet in a batch)
     outputs: np.ndarray | None = None
+    generation: int = 0  # the engine generation that must score it (a reload adds one)
 
     def deliver(self, index: np.ndarray, rows: np.ndarray) -> None:
         if self.outputs is None:
@@ -66,9 +67,12 @@ class MicroBatch:
     priority: Priority
     formed_at: float = field(default_factory=time.perf_counter)
     size: int = field(init=False)  # rows: read often (pool, stats), counted once
+    # Every row's job has this generation: a batch never mixes engine versions.
+    generation: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.size = sum(len(p.index) for p in self.parts)
+        self.generation = self.parts[0].job.generation if self.parts else 0
 
     @property
     def lengths(self) -> np.ndarray:
@@ -107,6 +111,7 @@ class _Queue:
         self.job = np.zeros(capacity, dtype=np.int64)
         self.seq = np.zeros(capacity, dtype=np.int64)
         self.length = np.zeros(capacity, dtype=np.int64)
+        self.generation = np.zeros(capacity, dtype=np.int64)
         self.head = self.tail = 0
         self.jobs: dict[int, Job] = {}  # serial -> Job, while any of its sequences is queued
 
@@ -124,6 +129,7 @@ class _Queue:
         self.job[self.tail:end] = serial
         self.seq[self.tail:end] = np.arange(n)
         self.length[self.tail:end] = job.lengths
+        self.generation[self.tail:end] = job.generation
         self.tail = end
         job.queued = n
         self.jobs[serial] = job
@@ -133,7 +139,7 @@ class _Queue:
         size = len(self.job)
         while live + n > size // 2:  # keep appends amortised O(1)
             size *= 2
-        for name in ("job", "seq", "length"):
+        for name in ("job", "seq", "length", "generation"):
             old = getattr(self, name)
             new = old if size == len(old) else np.zeros(size, dtype=np.int64)
             new[:live] = old[self.head:self.tail]
@@ -148,7 +154,7 @@ class _Queue:
         keep = np.ones(window, dtype=bool)
         keep[chosen] = False
         k = len(chosen)
-        for arr in (self.job, self.seq, self.length):
+        for arr in (self.job, self.seq, self.length, self.generation):
             arr[self.head + k:self.head + window] = arr[self.head:self.head + window][keep]
         self.head += k
         # A job's sequences are contiguous in arrival order, so its rows form one run.
@@ -192,15 +198,30 @@ class MicroBatcher:
         self._last_submit: float | None = None
         self.mean_gap_s = float("inf")  # moving average of the time between submits
 
+    def head_generation(self) -> int | None:
+        """The generation of the work the next batch will be formed from (None: none queued)."""
+        for priority in ("online", "offline"):
+            queue = self._queues[priority]  # type: ignore[index]
+            if len(queue):
+                return int(queue.generation[queue.head])
+        return None
+
+    def pending(self, generation: int) -> int:
+        """Sequences of that generation still queued."""
+        return sum(int(np.count_nonzero(q.generation[q.head:q.tail] == generation))
+                   for q in self._queues.values())
+
     def depth(self, priority: Priority | None = None) -> int:
         if priority is not None:
             return len(self._queues[priority])
         return len(self._queues["online"]) + len(self._queues["offline"])
 
-    async def submit(self, tb: TokenBatch, priority: Priority = "online") -> asyncio.Future[
-            np.ndarray]:
+    async def submit(self, tb: TokenBatch, priority: Priority = "online", *,
+                     generation: int = 0) -> asyncio.Future[np.ndarray]:
         """Queue every sequence of `tb`; the future resolves with one output row per sequence.
 
+        `generation` is the engine generation that must score it: batches never mix
+        generations, so across a reload every TokenBatch is scored wholly by one version.
         Waits while the queue is full (a single TokenBatch larger than the capacity is let in
         when the queue is empty, so nothing is unschedulable).
         """
@@ -218,7 +239,7 @@ class MicroBatcher:
                 0.8 * self.mean_gap_s + 0.2 * gap)
         self._last_submit = now
         job = Job(tb=tb, future=loop.create_future(), enqueued_at=now, lengths=tb.lengths,
-                  remaining=n)
+                  remaining=n, generation=generation)
         if n == 0:
             job.future.set_result(np.empty((0,), dtype=np.float32))
             return job.future
@@ -264,6 +285,11 @@ class MicroBatcher:
         s = self.settings
         queue = self._queues[priority]
         n = min(len(queue), s.window)
+        # Only the oldest sequences' generation: after a reload the queue holds the old
+        # generation's work first (it arrived first), then the new one's.
+        others = queue.generation[queue.head:queue.head + n] != queue.generation[queue.head]
+        if others.any():
+            n = int(np.argmax(others))
         lengths = queue.length[queue.head:queue.head + n]
         if n <= s.max_batch and n * int(lengths.max()) <= s.token_budget:
             chosen = np.arange(n)  # everything fits: the common case under moderate load

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
@@ -20,6 +21,7 @@ import structlog
 from aiokafka import ConsumerRecord
 
 from engines.errors import EngineDead
+from engines.manifest import Manifest
 from engines.protocol import Engine
 from engines.tokenizer import artifact_tokenizer_json, artifact_vocab_size
 from plumbing.cache import CacheSettings, ResultCache
@@ -90,8 +92,15 @@ class ScoringWorker:
     def __init__(self, settings: WorkerSettings, engines: Sequence[Engine], *,
                  name: str = "worker") -> None:
         self.settings = settings
-        self.pool = EnginePool(engines, call_timeout_s=settings.engine_timeout_s)
-        self.manifest = self.pool.manifest
+        # Engine generations: a reload (swap) adds one. Each TokenBatch is checked against,
+        # scored by and labelled with the generation serving when it arrived; an old
+        # generation's pool is closed once its last batch is done.
+        self.generation = 0
+        self.pools: dict[int, EnginePool] = {
+            0: EnginePool(engines, call_timeout_s=settings.engine_timeout_s)}
+        self._open: Counter[int] = Counter()  # records in flight per generation
+        self._retired: dict[int, asyncio.Event] = {}  # old generations still draining
+        self.swaps = 0
         # The worker only writes the cache (the tokenizer reads it): without Redis there is no
         # reader, and with it an in-process LRU here would hold entries nobody asks for.
         self.cache = (None if settings.cache is None or settings.cache.redis_url is None
@@ -99,9 +108,7 @@ class ScoringWorker:
                                        self.manifest.version))
         # Token ids are checked against the vocabulary before any engine call, on every
         # backend (None: engines without an artifact on disk, as in tests).
-        path = getattr(self.pool.engines[0], "path", None)
-        self.vocab_size = (artifact_vocab_size(path) if path is not None
-                           and artifact_tokenizer_json(path).is_file() else None)
+        self.vocab_size = _vocab_size(engines)
         self.batcher = MicroBatcher(settings.batcher)
         self.stats = WorkerStats()
         self.name = name
@@ -123,8 +130,69 @@ class ScoringWorker:
                              max_in_flight=settings.max_in_flight_offline),
             name=f"{name}-offline", **common)  # type: ignore[arg-type]
         self._dispatcher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # retired pools being closed
         self._running: set[asyncio.Task[None]] = set()
         self.failure: EngineDead | None = None  # set when no engine is left
+
+    @property
+    def pool(self) -> EnginePool:
+        """The serving generation's pool: where new TokenBatches are scored."""
+        return self.pools[self.generation]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.pool.manifest
+
+    async def swap(self, engines: Sequence[Engine]) -> int:
+        """Serve `engines` from now on (a loaded, checked new version): TokenBatches that
+        arrive from here are scored by them; those already queued or running finish on the
+        old engines, which are closed once the last of them is done. Returns the new
+        generation. Raises ValueError for engines this worker cannot switch to while serving
+        (another tokenizer, head or max length: their TokenBatches would differ)."""
+        new = EnginePool(engines, call_timeout_s=self.settings.engine_timeout_s)
+        old = self.manifest
+        m = new.manifest
+        clash = [name for name in ("tokenizer_id", "head", "max_length")
+                 if getattr(m, name) != getattr(old, name)]
+        if clash:
+            await new.close()
+            raise ValueError(f"version {m.version} differs from the serving {old.version} in "
+                             f"{', '.join(clash)}: its TokenBatches differ, so it cannot be "
+                             "swapped in while serving (restart the worker onto it)")
+        retired = self.generation
+        self.generation += 1
+        self.pools[self.generation] = new
+        self.vocab_size = _vocab_size(engines)
+        self.swaps += 1
+        self._retired[retired] = asyncio.Event()
+        log.info("engine_swapped", old=old.version, new=m.version, generation=self.generation,
+                 old_records_in_flight=self._open[retired])
+        self._maybe_close(retired)
+        return self.generation
+
+    async def retired(self) -> None:
+        """Wait until every retired generation's engines are closed."""
+        for done in list(self._retired.values()):
+            await done.wait()
+
+    def _maybe_close(self, generation: int) -> None:
+        """Close a retired generation's pool once no record of it is in flight."""
+        if generation not in self._retired or self._open[generation]:
+            return
+        pool = self.pools.pop(generation)
+        done = self._retired[generation]
+
+        async def close() -> None:
+            try:
+                await pool.close()
+            finally:
+                done.set()
+                self._retired.pop(generation, None)
+
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        log.info("engine_retired", version=pool.manifest.version, generation=generation)
 
     async def start(self) -> None:
         if self.cache is not None:
@@ -150,8 +218,9 @@ class ScoringWorker:
             "offline": lambda: self.offline.stats,
             "cache": lambda: self.cache.stats if self.cache is not None else {},
             "queue": lambda: {"queue_depth": self.batcher.depth(),
-                              "busy_slots": self.pool.busy()},
-            "pool": self.pool.device_counters,
+                              "busy_slots": self.pool.busy(),
+                              "engine_generation": self.generation, "engine_swaps": self.swaps},
+            "pool": lambda: self.pool.device_counters(),
         }
 
     def request_stop(self) -> None:
@@ -178,7 +247,9 @@ class ScoringWorker:
                     await self._dispatcher
             if self._running:
                 await asyncio.wait(self._running)
-            await self.pool.close()
+            if self._closing:
+                await asyncio.wait(self._closing)
+            await asyncio.gather(*(pool.close() for pool in self.pools.values()))
             if self.cache is not None:
                 await self.cache.close()
 
@@ -191,9 +262,19 @@ class ScoringWorker:
 
     # -- per record ------------------------------------------------------------------------
     async def _handle(self, record: ConsumerRecord, priority: Priority) -> None:
+        generation = self.generation  # checked against, scored by and labelled with it
+        self._open[generation] += 1
+        try:
+            await self._score_record(record, priority, generation)
+        finally:
+            self._open[generation] -= 1
+            self._maybe_close(generation)
+
+    async def _score_record(self, record: ConsumerRecord, priority: Priority,
+                            generation: int) -> None:
         received = time.time()
         tb = decode_token_batch(record.value or b"", self.settings.limits)
-        m = self.manifest
+        m = self.pools[generation].manifest
         if tb.tokenizer_id != m.tokenizer_id:
             raise WorkerInputError(f"TokenBatch tokenizer {tb.tokenizer_id} differs from the "
                                    f"engine's {m.tokenizer_id} (model {m.model_id} {m.version})")
@@ -213,7 +294,7 @@ class ScoringWorker:
             raise WorkerInputError(f"token id {top} is outside the vocabulary of "
                                    f"{self.vocab_size} ids (model {m.model_id} {m.version})")
         queued = time.perf_counter()
-        outputs = await (await self.batcher.submit(tb, priority))
+        outputs = await (await self.batcher.submit(tb, priority, generation=generation))
         inference_done = time.perf_counter()
         # Arrays from here to the wire: no ItemScore or float object per score.
         scores, offsets, embeddings, has_embedding = score_arrays(tb, outputs, head=m.head)
@@ -226,7 +307,7 @@ class ScoringWorker:
             has_embedding=has_embedding, embedding_format=tb.embedding_format)
         # Cache first: once a score is visible, asking again is a hit (and the write costs one
         # pipelined round trip). Never fails: the cache bypasses a Redis outage.
-        await self._write_cache(tb, outputs, scores)
+        await self._write_cache(tb, outputs, scores, m)
         # Split to fit: 200 query embeddings as JSON floats outgrow one message, and the
         # input was fine. Every part is acknowledged before the record counts as finished.
         topic, key = tb.reply_topic or self.settings.topics.scores, tb.batch_id.encode()
@@ -240,8 +321,8 @@ class ScoringWorker:
         log.debug("scored", batch_id=tb.batch_id, items=len(tb.item_ids),
                   wait_ms=round((time.time() - received) * 1000, 2))
 
-    async def _write_cache(self, tb: TokenBatch, outputs: np.ndarray,
-                           scores: np.ndarray) -> None:
+    async def _write_cache(self, tb: TokenBatch, outputs: np.ndarray, scores: np.ndarray,
+                           m: Manifest) -> None:
         """Write-through under the per-sequence digests the tokenizer computed from text:
         a similarity doc's value is its cosine with the query (`scores`, in doc-row order),
         any other sequence's its own output row."""
@@ -249,7 +330,7 @@ class ScoringWorker:
             return
         n = tb.n_sequences
         rows = outputs.reshape(n, -1).astype("<f4", copy=False)
-        if self.manifest.head == "similarity":
+        if m.head == "similarity":
             docs = tb.seq_doc >= 0
             if docs.any():
                 rows = np.where(docs[:, None], 0.0, rows).astype("<f4")
@@ -264,24 +345,37 @@ class ScoringWorker:
         entries = [(keys[i * KEY_BYTES:(i + 1) * KEY_BYTES],
                     blob[i * stride:i * stride + 4 * w])
                    for i, w in enumerate(width.tolist())]
-        await self.cache.put_many(entries)
+        await self.cache.put_many(entries, version=m.version)
         self.stats.cache_writes += len(entries)
 
     # -- dispatch --------------------------------------------------------------------------
     async def _dispatch(self) -> None:
         while True:
-            try:
-                slot = await self.pool.acquire()
-            except EngineDead as exc:
-                await self._no_engines(exc)
+            # The slot comes first, so a batch is formed when an engine is free (as large as
+            # the queue allows then). It comes from the pool of the generation at the head of
+            # the queue; a batch of another generation (around a swap) trades it for one of
+            # its own pool.
+            head = self.batcher.head_generation()
+            pool = self.pools.get(self.generation if head is None else head, self.pool)
+            slot = await self._acquire(pool)
             try:
                 batch = await self.batcher.next_batch()
             except BaseException:
-                self.pool.release(slot)
+                pool.release(slot)
                 raise
-            task = asyncio.create_task(self._run_batch(slot, batch))
+            if self.pools.get(batch.generation) is not pool:
+                pool.release(slot)
+                pool = self.pools[batch.generation]
+                slot = await self._acquire(pool)
+            task = asyncio.create_task(self._run_batch(pool, slot, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _acquire(self, pool: EnginePool) -> Slot:
+        try:
+            return await pool.acquire()
+        except EngineDead as exc:
+            await self._no_engines(exc)
 
     async def _no_engines(self, exc: EngineDead) -> NoReturn:
         """Every engine died: stop consuming, and fail what is queued or still arrives so
@@ -293,23 +387,23 @@ class ScoringWorker:
         while True:
             self.batcher.fail(await self.batcher.next_batch(), exc)
 
-    async def _run_batch(self, slot: Slot, batch: MicroBatch) -> None:
-        """Score `batch` on `slot`, then release the slot. Every sequence of the batch ends
-        delivered or failed, whatever happens (no waiter is left hanging)."""
+    async def _run_batch(self, pool: EnginePool, slot: Slot, batch: MicroBatch) -> None:
+        """Score `batch` on `slot` of `pool`, then release the slot. Every sequence of the
+        batch ends delivered or failed, whatever happens (no waiter is left hanging)."""
         try:
-            await self._score(slot, batch)
+            await self._score(pool, slot, batch)
         except BaseException as exc:  # a bug or a cancellation: fail the waiters, not hang them
             self.batcher.fail(batch, exc if isinstance(exc, Exception) else EngineDead(
                 "the worker stopped while this batch ran"))
             raise
         finally:
-            self.pool.release(slot)
+            pool.release(slot)
 
-    async def _score(self, slot: Slot, batch: MicroBatch) -> None:
+    async def _score(self, pool: EnginePool, slot: Slot, batch: MicroBatch) -> None:
         try:
-            outputs = await self.pool.run(slot, batch)
+            outputs = await pool.run(slot, batch)
         except EngineDead as exc:
-            if not self.pool.size:
+            if not pool.size:
                 self.stats.engine_errors += 1
                 self.batcher.fail(batch, exc)
                 return
@@ -318,14 +412,14 @@ class ScoringWorker:
                         size=batch.size, error=str(exc))
             self.stats.engine_retries += 1
             try:
-                retry = await self.pool.acquire()
+                retry = await pool.acquire()
             except EngineDead as none_left:
                 self.batcher.fail(batch, none_left)
                 return
             try:
-                await self._score(retry, batch)
+                await self._score(pool, retry, batch)
             finally:
-                self.pool.release(retry)
+                pool.release(retry)
             return
         except Exception as exc:
             self.stats.engine_errors += 1
@@ -339,7 +433,7 @@ class ScoringWorker:
             # and its neighbours are scored.
             self.stats.bisections += 1
             for half in batch.split():
-                await self._score(slot, half)
+                await self._score(pool, slot, half)
             return
         try:
             lengths = batch.lengths
@@ -353,3 +447,9 @@ class ScoringWorker:
             log.error("batch_results_failed", size=batch.size, error=f"{type(exc).__name__}: "
                                                                      f"{exc}")
             self.batcher.fail(batch, exc)
+
+
+def _vocab_size(engines: Sequence[Engine]) -> int | None:
+    path = getattr(engines[0], "path", None)
+    return (artifact_vocab_size(path) if path is not None
+            and artifact_tokenizer_json(path).is_file() else None)

@@ -142,3 +142,21 @@ async def test_full_queue_makes_submit_wait_until_a_batch_is_taken() -> None:
     await batcher.next_batch()
     await asyncio.wait_for(blocked, 1)
     assert batcher.depth() == 2
+
+
+async def test_batches_never_mix_engine_generations() -> None:
+    # Around a reload the queue holds work for the old engines and the new: each batch is
+    # wholly one generation's, the old one's first (it arrived first).
+    batcher = MicroBatcher(BatcherSettings(max_batch=16, max_wait_ms=0))
+    await batcher.submit(_tb([5, 5], "a"), generation=0)
+    await batcher.submit(_tb([5], "b"), generation=1)
+    await batcher.submit(_tb([5, 5], "c"), generation=0)  # validated before the swap, late
+    await batcher.submit(_tb([5], "d"), generation=1)
+    assert batcher.head_generation() == 0 and batcher.pending(0) == 4
+    seen = []
+    while batcher.depth():
+        batch = await batcher.next_batch()
+        assert {p.job.generation for p in batch.parts} == {batch.generation}
+        seen.append((batch.generation, sorted(p.job.tb.batch_id for p in batch.parts)))
+    assert seen == [(0, ["a"]), (1, ["b"]), (0, ["c"]), (1, ["d"])]
+    assert batcher.head_generation() is None and batcher.pending(0) == 0
