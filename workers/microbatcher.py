@@ -193,6 +193,7 @@ class MicroBatcher:
         self._clock = clock
         self._queues: dict[Priority, _Queue] = {"online": _Queue(), "offline": _Queue()}
         self._serial = 0  # jobs in submission order
+        self.submitted = 0  # sequences ever queued (an arrival rate is its derivative)
         self._arrived = asyncio.Event()
         self._space = asyncio.Condition()
         self._last_submit: float | None = None
@@ -244,6 +245,7 @@ class MicroBatcher:
             job.future.set_result(np.empty((0,), dtype=np.float32))
             return job.future
         self._serial += 1
+        self.submitted += n
         queue.append(self._serial, job)
         self._arrived.set()
         return job.future

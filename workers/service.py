@@ -40,6 +40,7 @@ from schemas import (
 from workers.assemble import score_arrays
 from workers.microbatcher import BatcherSettings, MicroBatch, MicroBatcher, Priority
 from workers.pool import EnginePool, Slot
+from workers.reload import Reloader
 
 log = structlog.get_logger(__name__)
 
@@ -131,8 +132,26 @@ class ScoringWorker:
             name=f"{name}-offline", **common)  # type: ignore[arg-type]
         self._dispatcher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # retired pools being closed
+        # Set before start() to follow the registry's promotions (workers.reload).
+        self.reloader: Reloader | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self._sample = (time.monotonic(), 0)  # (when, batcher.submitted) of the last sample
         self._running: set[asyncio.Task[None]] = set()
         self.failure: EngineDead | None = None  # set when no engine is left
+
+    def load_sample(self) -> tuple[float, int]:
+        """(arrival rate / capacity since the last sample, queued sequences): what a reload
+        waits on. Capacity is measured: sequences per busy second of the serving pool's
+        slots, times its slots (none measured yet: an idle worker counts as 0 load)."""
+        now, submitted = time.monotonic(), self.batcher.submitted
+        then, before = self._sample
+        self._sample = (now, submitted)
+        rate = (submitted - before) / (now - then) if now > then else 0.0
+        stats = self.pool.slot_stats
+        busy = sum(s.busy_s for s in stats)
+        capacity = sum(s.sequences for s in stats) / busy * self.pool.size if busy else 0.0
+        load = rate / capacity if capacity else (0.0 if rate == 0 else 1.0)
+        return load, self.batcher.depth()
 
     @property
     def pool(self) -> EnginePool:
@@ -209,6 +228,9 @@ class ScoringWorker:
                 await self.cache.close()
             raise
         self._dispatcher = asyncio.create_task(self._dispatch(), name=f"{self.name}-dispatch")
+        if self.reloader is not None:
+            self._reload_task = asyncio.create_task(self.reloader.run(),
+                                                    name=f"{self.name}-reload")
 
     def metrics(self) -> dict[str, Callable[[], object]]:
         """Sources of the worker's Prometheus metrics (plumbing.metrics.serve_metrics)."""
@@ -221,6 +243,7 @@ class ScoringWorker:
                               "busy_slots": self.pool.busy(),
                               "engine_generation": self.generation, "engine_swaps": self.swaps},
             "pool": lambda: self.pool.device_counters(),
+            "reload": lambda: self.reloader.stats.metrics() if self.reloader else {},
         }
 
     def request_stop(self) -> None:
@@ -238,6 +261,12 @@ class ScoringWorker:
             raise self.failure
 
     async def stop(self) -> None:
+        if self._reload_task is not None:  # no reload starts while draining
+            self._reload_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reload_task
+        if self.reloader is not None:
+            await self.reloader.close()
         try:
             await asyncio.gather(self.online.stop(), self.offline.stop())
         finally:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Annotated, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 
@@ -28,6 +29,13 @@ from qscore.cli.options import (
 from qscore.cli.output import err, fail
 from schemas import EMBEDDING_FORMATS
 from workers.microbatcher import BatcherSettings
+from workers.reload import ReloadSettings, parse_window
+
+if TYPE_CHECKING:
+    from engines.protocol import Engine
+    from plumbing.cache import CacheSettings
+    from workers.reload import Reloader
+    from workers.service import ScoringWorker
 
 
 class Service(Protocol):
@@ -63,6 +71,8 @@ def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefi
 
 
 _B = BatcherSettings()
+_R = ReloadSettings()
+_RELOAD = "Hot reload"
 
 
 def worker(
@@ -92,6 +102,34 @@ def worker(
     = _B.capacity,
     group_id: Annotated[str, typer.Option(envvar="QSCORE_WORKER_GROUP", help=(
         "Consumer group (the offline topic uses GROUP.offline)."))] = "qscore-worker",
+    follow: Annotated[bool, typer.Option(
+        "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=_RELOAD, help=(
+            "Without --engine: follow the model's promoted version in the registry and swap "
+            "it in while serving (--engine pins a version: never reloaded)."))] = True,
+    reload_quiet_load: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_QUIET_LOAD", min=0.01, max=1.0, rich_help_panel=_RELOAD, help=(
+            "Traffic counts as low below this fraction of the worker's measured capacity."))]
+    = _R.quiet_load,
+    reload_quiet_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_QUIET_S", min=0.1, rich_help_panel=_RELOAD, help=(
+            "Seconds of low traffic before a reload starts."))] = _R.quiet_s,
+    reload_deadline_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_DEADLINE_S", min=1, rich_help_panel=_RELOAD, help=(
+            "After this long pending, reload at the quietest moment seen so far."))]
+    = _R.deadline_s,
+    reload_window: Annotated[str | None, typer.Option(
+        envvar="QSCORE_RELOAD_WINDOW", rich_help_panel=_RELOAD, help=(
+            "Only reload (before the deadline) inside this UTC window, HH:MM-HH:MM."))] = None,
+    reload_max_concurrent: Annotated[int, typer.Option(
+        envvar="QSCORE_RELOAD_MAX_CONCURRENT", min=1, rich_help_panel=_RELOAD, help=(
+            "Workers of the fleet reloading at once (a lease in Redis; without Redis, a "
+            "random delay of up to --reload-jitter-s instead)."))] = _R.max_concurrent,
+    reload_jitter_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_JITTER_S", min=0, rich_help_panel=_RELOAD, help=(
+            "Random delay before loading when no lease store is reachable."))] = _R.jitter_s,
+    reload_poll_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=_RELOAD, help=(
+            "How often the registry's pointer is read."))] = _R.poll_s,
     engine_timeout: Annotated[float, typer.Option(envvar="QSCORE_ENGINE_TIMEOUT", min=0.1, help=(
         "Seconds one engine call may take; a call still running then is stuck (a hung GPU): "
         "its engine is taken out of service, and with none left the worker stops so a "
@@ -133,8 +171,57 @@ def worker(
                 f"calls (mean batch {s.mean_batch_size:.1f}), {s.cache_writes} cache writes, "
                 f"{dead} dead letters")
 
-    serve(lambda: ScoringWorker(settings, loaded), service, metrics_prefix="qscore_worker",
-          summary=summary)  # type: ignore[arg-type]
+    reload = None
+    if follow and service.artifact is None:
+        try:
+            reload = ReloadSettings(
+                poll_s=reload_poll_s, quiet_load=reload_quiet_load, quiet_s=reload_quiet_s,
+                deadline_s=reload_deadline_s, max_concurrent=reload_max_concurrent,
+                jitter_s=reload_jitter_s,
+                window=parse_window(reload_window) if reload_window else None)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--reload-window") from None
+
+    def make() -> ScoringWorker:
+        worker = ScoringWorker(settings, loaded)
+        if reload is not None:
+            worker.reloader = follower(worker, reload, service.engine_dir, manifest.model_id,
+                                       service.cache, lambda p, t: [
+                                           load_for(settings_, p, threads=t)
+                                           for _ in range(len(loaded))])
+        return worker
+
+    serve(make, service, metrics_prefix="qscore_worker", summary=summary)  # type: ignore[arg-type]
+
+
+def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, model_id: str,
+             cache: CacheSettings, load: Callable[[Path, int], list[Engine]]) -> Reloader:
+    """The worker's Reloader: the registry's pointer, a Redis lease when Redis is set."""
+    from engines.errors import RegistryError
+    from engines.golden import check_golden
+    from engines.registry import EngineRegistry
+    from workers.reload import RedisLease, Reloader
+
+    registry = EngineRegistry(engine_dir)
+
+    def current() -> Path | None:
+        try:
+            return registry.get(model_id)
+        except RegistryError:
+            return None
+
+    lease = None
+    if cache.redis_url is not None:
+        from redis.asyncio import Redis
+
+        from plumbing.cache import tls_kwargs
+
+        client = Redis.from_url(cache.redis_url, socket_timeout=cache.op_timeout_s,
+                                socket_connect_timeout=cache.op_timeout_s, **tls_kwargs(cache))
+        lease = RedisLease(client, f"{cache.key_prefix}:reload:{model_id}",
+                           reload.max_concurrent, reload.lease_s)
+    return Reloader(worker, current, load, reload, load_sample=worker.load_sample,
+                    lease=lease, check=check_golden)
 
 
 def tokenizer(

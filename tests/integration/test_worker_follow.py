@@ -1,0 +1,113 @@
+"""A worker follows its model's promoted version while serving (issue 12): a promotion in the
+registry is picked up, loaded off the serving path, checked on its golden set and swapped in;
+a corrupt version is refused and the old one keeps serving; nothing is lost either way."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from engines.loader import load_engine
+from engines.manifest import read_manifest, write_manifest
+from engines.registry import EngineRegistry, model_dir
+from plumbing.cache import CacheSettings
+from plumbing.kafka import make_producer
+from qscore.cli.services import follower
+from schemas import QueryItem, decode_score_batch, encode_token_batch
+from tests.integration.test_worker import _topics, kafka, read_all, tokenize
+from workers.reload import ReloadSettings
+from workers.service import ScoringWorker, WorkerSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _version(src: Path, root: Path, name: str) -> Path:
+    """A copy of artifact `src` as version `name` of its model in registry `root`."""
+    manifest = read_manifest(src)
+    target = model_dir(root, manifest.model_id) / name
+    shutil.copytree(src, target)
+    write_manifest(target, replace(manifest, version=name))
+    return target
+
+
+async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path, tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    v1 = _version(default_engine_path, root, "v1")
+    _version(default_engine_path, root, "v2")
+    bad = _version(default_engine_path, root, "v3-corrupt")
+    model = read_manifest(v1).model_id
+    registry = EngineRegistry(root)
+    registry.promote(model, "v1", smoke=False)
+    topics = await _topics(create_topic, topic_name)
+    engine = load_engine(registry.get(model), threads=1)
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                                          group_id=f"{topic_name}-w"), [engine])
+    swapped = asyncio.Event()
+    original_swap = worker.swap
+
+    async def swap(engines):  # type: ignore[no-untyped-def]
+        generation = await original_swap(engines)
+        swapped.set()
+        return generation
+
+    worker.swap = swap  # type: ignore[method-assign]
+    worker.reloader = follower(
+        worker, ReloadSettings(poll_s=0.1, quiet_s=0.2, jitter_s=0), root, model,
+        CacheSettings(), lambda path, threads: [load_engine(path, threads=threads)])
+    reloader = worker.reloader
+    refused = asyncio.Event()
+    original_refuse = reloader._refuse
+
+    def refuse(version: str, reason: str) -> bool:
+        refused.set()
+        return original_refuse(version, reason)
+
+    reloader._refuse = refuse  # type: ignore[method-assign]
+    items = [QueryItem(id=f"q{i}", query=f"cheap flights to city {i}") for i in range(5)]
+    tbs = [tokenize(engine, items, f"b{n:02d}") for n in range(30)]
+    producer = make_producer(kafka(kafka_bootstrap))
+    await worker.start()
+    await producer.start()
+    try:
+        run = asyncio.create_task(worker.run())
+
+        async def publish(part: list) -> None:  # type: ignore[type-arg]
+            await asyncio.gather(*[await producer.send(
+                topics.tokens, encode_token_batch(tb), key=tb.batch_id.encode()) for tb in part])
+
+        await publish(tbs[:10])
+        # Promoted intact, then rotted on the shared volume: the worker refuses it and v1
+        # keeps serving.
+        registry.promote(model, "v3-corrupt", smoke=False)
+        with (bad / "model.onnx").open("r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        await asyncio.wait_for(refused.wait(), 30)
+        assert worker.manifest.version == "v1" and "checksum" in reloader.stats.last_reason
+        await publish(tbs[10:20])
+        registry.promote(model, "v2", smoke=False)
+        await asyncio.wait_for(swapped.wait(), 30)
+        assert worker.manifest.version == "v2" and reloader.stats.reloads == 1
+        await publish(tbs[20:])
+        values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
+        worker.request_stop()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await producer.stop()
+        await worker.stop()
+    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
+    assert sorted(batches) == [tb.batch_id for tb in tbs]  # nothing lost, none twice
+    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    assert all(versions[tb.batch_id] == {"v1"} for tb in tbs[:10])
+    assert all(versions[tb.batch_id] == {"v2"} for tb in tbs[20:])
+    assert all(len(v) == 1 for v in versions.values())
+    assert worker.online.stats.dead_letters == 0
+    assert {"reload_state", "reloads", "reloads_refused"} <= set(reloader.stats.metrics())

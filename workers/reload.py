@@ -1,0 +1,312 @@
+"""Hot reloads: a worker follows its model's promoted version and swaps it in while serving,
+in a low-traffic window, after loading it off the serving path and checking it.
+
+When `current` in the engine registry names another version than the one serving (polled: the
+registry is a plain directory tree that may sit on a shared filesystem, and reading one small
+file every few seconds costs nothing; a control topic would add a second source of truth that
+can disagree with the directory), the reload is *pending*. The ReloadController decides when:
+
+- traffic is low: the worker's measured arrival rate below `quiet_load` of its measured
+  capacity, with a shallow queue, for `quiet_s` in a row (and inside the UTC `window`, if
+  one is set);
+- or the `deadline_s` since the promotion has passed: then at the first moment at least as
+  quiet as the quietest seen while waiting.
+
+Fleet-wide, at most `max_concurrent` workers reload at once: a lease in Redis (SET NX with a
+timeout, so a worker that dies mid-reload frees it); without Redis, or with Redis down, a
+random delay of up to `jitter_s` instead, never a stall. Loading runs in a thread with few
+engine threads (the serving engines keep the cores), then the golden check (engines.golden);
+a version that does not fit in memory, fails to load or fails its check is refused: the old
+one keeps serving, and the reason is logged, counted and exported. Every step is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from engines.errors import EngineError
+from engines.protocol import Engine
+
+log = structlog.get_logger(__name__)
+
+STATES = ("serving", "pending", "loading", "checking", "swapping")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadSettings:
+    poll_s: float = 5.0  # how often the registry's pointer is read
+    quiet_load: float = 0.3  # arrival rate / capacity below which traffic is low
+    quiet_depth: int = 64  # queued sequences at most, to count as quiet
+    quiet_s: float = 10.0  # low traffic for this long before a reload starts
+    deadline_s: float = 3600.0  # then reload at the quietest moment seen so far
+    window: tuple[int, int] | None = None  # UTC minutes of the day [start, end); wraps
+    max_concurrent: int = 1  # workers of the fleet reloading at once (Redis lease)
+    lease_s: float = 600.0  # a lease's timeout (a reload that died frees it)
+    jitter_s: float = 30.0  # without a lease store: a random delay before loading
+    threads: int = 1  # engine threads while loading (the serving engines keep the cores)
+
+    def __post_init__(self) -> None:
+        for name in ("poll_s", "quiet_s", "deadline_s", "lease_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if not 0 < self.quiet_load <= 1:
+            raise ValueError("quiet_load must be in (0, 1]")
+        if self.max_concurrent < 1 or self.threads < 1 or self.quiet_depth < 0:
+            raise ValueError("max_concurrent and threads must be >= 1, quiet_depth >= 0")
+        if self.jitter_s < 0:
+            raise ValueError("jitter_s must be >= 0")
+        if self.window is not None and not all(0 <= m < 1440 for m in self.window):
+            raise ValueError("window minutes must be in 0..1439")
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """"HH:MM-HH:MM" (UTC) -> minutes of the day; ValueError names what is wrong."""
+    try:
+        start, end = (datetime.strptime(part.strip(), "%H:%M") for part in text.split("-"))
+    except ValueError:
+        raise ValueError(f"expected HH:MM-HH:MM (UTC), got {text!r}") from None
+    return start.hour * 60 + start.minute, end.hour * 60 + end.minute
+
+
+def in_window(window: tuple[int, int] | None, now_utc: datetime) -> bool:
+    if window is None:
+        return True
+    minute = now_utc.hour * 60 + now_utc.minute
+    start, end = window
+    return start <= minute < end if start <= end else (minute >= start or minute < end)
+
+
+@dataclass(slots=True)
+class ReloadController:
+    """When to reload: fed the worker's load every poll, says go or not, and why."""
+
+    settings: ReloadSettings
+    pending_since: float | None = None
+    quiet_since: float | None = None
+    quietest: float = float("inf")  # lowest load seen while pending
+
+    def pending(self, now: float) -> None:
+        if self.pending_since is None:
+            self.pending_since, self.quiet_since, self.quietest = now, None, float("inf")
+
+    def reset(self) -> None:
+        self.pending_since = self.quiet_since = None
+        self.quietest = float("inf")
+
+    def decide(self, now: float, load: float, depth: int,
+               now_utc: datetime | None = None) -> tuple[bool, str]:
+        """(go, reason) for a reload pending since `pending`; `load` = arrival rate /
+        capacity (0 when idle), `depth` = queued sequences."""
+        s = self.settings
+        if self.pending_since is None:
+            return False, "nothing pending"
+        quiet = load < s.quiet_load and depth <= s.quiet_depth
+        self.quiet_since = (self.quiet_since or now) if quiet else None
+        windowed = in_window(s.window, now_utc or datetime.now(UTC))
+        if self.quiet_since is not None and now - self.quiet_since >= s.quiet_s and windowed:
+            return True, f"low traffic for {now - self.quiet_since:.0f} s (load {load:.2f})"
+        overdue = now - self.pending_since >= s.deadline_s
+        at_least_as_quiet = load <= self.quietest
+        self.quietest = min(self.quietest, load)
+        if overdue and at_least_as_quiet:
+            return True, (f"deadline of {s.deadline_s:.0f} s passed; the quietest moment so "
+                          f"far (load {load:.2f})")
+        return False, "waiting for low traffic" if windowed else "outside the reload window"
+
+
+class Lease(Protocol):
+    async def acquire(self) -> bool: ...
+    async def release(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class RedisLease:
+    """One of `slots` fleet-wide reload slots in Redis (SET NX PX): at most that many workers
+    reload at once; a slot held by a worker that died expires after `lease_s`. Redis down or
+    not configured: acquire() says False and the caller falls back to jitter."""
+
+    def __init__(self, redis: Any, key: str, slots: int, lease_s: float) -> None:
+        self.redis, self.key, self.slots, self.lease_s = redis, key, slots, lease_s
+        self.token = uuid.uuid4().hex
+        self.held: str | None = None
+
+    async def acquire(self) -> bool:
+        for slot in range(self.slots):
+            name = f"{self.key}:{slot}"
+            if await self.redis.set(name, self.token, nx=True, px=int(self.lease_s * 1000)):
+                self.held = name
+                return True
+        return False
+
+    async def release(self) -> None:
+        name, self.held = self.held, None
+        if name is not None:
+            # Only our own lease: after a timeout another worker may hold the slot now.
+            await self.redis.eval(_RELEASE, 1, name, self.token)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+_RELEASE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "return redis.call('DEL', KEYS[1]) end return 0")
+
+
+class Swappable(Protocol):
+    manifest: Any
+
+    async def swap(self, engines: list[Engine]) -> int: ...
+
+
+@dataclass(slots=True)
+class ReloadStats:
+    state: str = "serving"
+    serving: str = ""
+    pending: str = ""
+    pending_since: float = 0.0  # unix seconds; 0 when nothing is pending
+    reloads: int = 0
+    refused: int = 0
+    last_reason: str = ""
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        return {"reload_state": float(STATES.index(self.state)),
+                "reload_pending_since": self.pending_since, "reloads": float(self.reloads),
+                "reloads_refused": float(self.refused),
+                **{f"reload_{k}_s": v for k, v in self.phases_s.items()}}
+
+
+class Reloader:
+    """Follows `current(model)` for a worker; see the module docstring."""
+
+    def __init__(self, worker: Swappable, current: Callable[[], Path | None],
+                 load: Callable[[Path, int], list[Engine]], settings: ReloadSettings, *,
+                 load_sample: Callable[[], tuple[float, int]],
+                 lease: Lease | None = None, clock: Callable[[], float] = time.monotonic,
+                 check: Callable[[Engine], Any] | None = None) -> None:
+        """`current()` is the promoted artifact (None: none); `load(path, threads)` loads the
+        worker's engines of it (blocking: run in a thread); `load_sample()` is (load
+        fraction, queue depth) now; `check(engine)` is the golden check
+        (engines.golden.check_golden)."""
+        self.worker, self.current, self.load, self.settings = worker, current, load, settings
+        self.load_sample, self.lease, self.clock = load_sample, lease, clock
+        self.check = check
+        self.controller = ReloadController(settings)
+        self.stats = ReloadStats(serving=worker.manifest.version)
+        self._refused: set[str] = set()  # versions refused (until the pointer moves again)
+
+    async def close(self) -> None:
+        if self.lease is not None:
+            with contextlib.suppress(Exception):
+                await self.lease.close()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never take the worker down: log, and poll again
+                log.error("reload_error", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.settings.poll_s)
+
+    async def step(self) -> bool:
+        """One poll: notice a promotion, decide, maybe reload. True when it swapped."""
+        path = await asyncio.to_thread(self.current)
+        version = path.name if path is not None else None
+        serving = self.worker.manifest.version
+        if version not in self._refused:  # the pointer moved on: a refusal is forgotten
+            self._refused.clear()
+        if version is None or version == serving or version in self._refused:
+            if self.stats.state == "pending":
+                log.info("reload_cancelled", serving=serving, promoted=version)
+            self.controller.reset()
+            self.stats.state, self.stats.pending, self.stats.pending_since = "serving", "", 0.0
+            return False
+        now = self.clock()
+        if self.stats.state != "pending" or self.stats.pending != version:
+            self.controller.reset()
+            self.controller.pending(now)
+            self.stats.state, self.stats.pending = "pending", version
+            self.stats.pending_since = time.time()
+            log.info("reload_pending", serving=serving, promoted=version)
+        load, depth = self.load_sample()
+        go, reason = self.controller.decide(now, load, depth)
+        if not go:
+            return False
+        log.info("reload_start", serving=serving, promoted=version, reason=reason)
+        assert path is not None
+        return await self._reload(path, version)
+
+    async def _reload(self, path: Path, version: str) -> bool:
+        held = False
+        try:
+            if self.lease is not None:
+                try:
+                    held = await self.lease.acquire()
+                except Exception as exc:  # the lease store is down: jitter, never a stall
+                    log.warning("reload_lease_unavailable", error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(random.uniform(0, self.settings.jitter_s))
+                else:
+                    if not held:
+                        log.info("reload_waiting_for_lease", promoted=version)
+                        return False
+            elif self.settings.jitter_s:
+                await asyncio.sleep(random.uniform(0, self.settings.jitter_s))
+            return await self._load_check_swap(path, version)
+        finally:
+            if held and self.lease is not None:
+                with contextlib.suppress(Exception):
+                    await self.lease.release()
+
+    async def _load_check_swap(self, path: Path, version: str) -> bool:
+        phases: dict[str, float] = {}
+        started = time.perf_counter()
+        self.stats.state = "loading"
+        try:
+            engines = await asyncio.to_thread(self.load, path, self.settings.threads)
+        except EngineError as exc:  # does not fit, corrupt, mismatched: refused
+            return self._refuse(version, f"load failed: {exc}")
+        phases["load"] = time.perf_counter() - started
+        self.stats.state = "checking"
+        if self.check is not None:
+            report = await asyncio.to_thread(self.check, engines[0])
+            phases["check"] = report.seconds
+            if not report.ok:
+                for engine in engines:
+                    engine.close()
+                return self._refuse(version, report.reason)
+        self.stats.state = "swapping"
+        try:
+            await self.worker.swap(engines)  # closes them if it refuses
+        except ValueError as exc:  # another tokenizer or head: restart onto it
+            return self._refuse(version, str(exc))
+        phases["total"] = time.perf_counter() - started
+        self.stats.phases_s = {k: round(v, 3) for k, v in phases.items()}
+        self.stats.reloads += 1
+        self.stats.serving, self.stats.pending, self.stats.pending_since = version, "", 0.0
+        self.stats.state = "serving"
+        self.controller.reset()
+        log.info("reload_done", serving=version, **self.stats.phases_s)
+        return True
+
+    def _refuse(self, version: str, reason: str) -> bool:
+        self._refused.add(version)
+        self.stats.refused += 1
+        self.stats.last_reason = reason
+        self.stats.state, self.stats.pending, self.stats.pending_since = "serving", "", 0.0
+        self.controller.reset()
+        log.error("reload_refused", version=version, serving=self.worker.manifest.version,
+                  reason=reason)
+        return False
