@@ -231,14 +231,17 @@ class ResultCache:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def get_many(self, digests: Sequence[bytes]) -> list[bytes | None]:
-        """The cached value of each digest, or None: the LRU first, then one MGET."""
+    async def get_many(self, digests: Sequence[bytes], *,
+                       version: str | None = None) -> list[bytes | None]:
+        """The cached value of each digest, or None: the LRU first, then one MGET.
+        `version`: whose results (default: the cache's); digests include it too."""
         self._check_started()
         found = [self._local_get(_digest(d)) for d in digests]
         self.stats.hits_local += sum(v is not None for v in found)
         missing = list(dict.fromkeys(d for d, v in zip(digests, found, strict=True) if v is None))
         if missing and self._redis is not None:
-            keys = [self._key(d) for d in missing]
+            keys = [redis_key(self.settings.key_prefix, version or self.model_version, d)
+                    for d in missing]
             values = await self._call(lambda r: r.mget(keys))
             fetched = {d: v for d, v in zip(missing, values or (), strict=False) if v is not None}
             for d, v in fetched.items():

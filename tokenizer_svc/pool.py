@@ -141,9 +141,10 @@ def prepare_batch(data: bytes, limits: Limits, model_version: str) -> tuple[Quer
     return batch, batch_keys(batch.items, model_version)
 
 
-def _prepare(data: bytes, offline_topic: bool, tokenize_upto: int) -> Prepared:
+def _prepare(data: bytes, offline_topic: bool, tokenize_upto: int,
+             model_version: str | None = None) -> Prepared:
     spec, tokenizer = _current()
-    batch, keys = prepare_batch(data, spec.limits, spec.model_version)
+    batch, keys = prepare_batch(data, spec.limits, model_version or spec.model_version)
     fmt = batch.embedding_format or spec.embedding_format
     tokenized, error = None, None
     if len(batch.items) <= tokenize_upto:
@@ -265,10 +266,13 @@ class TokenizerPool:
         await self._pool.close()
 
     async def prepare(self, data: bytes, *, offline_topic: bool = False,
-                      tokenize_upto: int = 0) -> Prepared:
+                      tokenize_upto: int = 0, model_version: str | None = None) -> Prepared:
         """Decode a QueryBatch record and hash its cache keys (raises SchemaError); with at most
-        `tokenize_upto` items, tokenize and pack them all in the same call."""
-        return await self._pool.call(len(data), _prepare, data, offline_topic, tokenize_upto)
+        `tokenize_upto` items, tokenize and pack them all in the same call. `model_version`:
+        the version the keys are for (default: the spec's; a service that followed a
+        promotion passes the new one)."""
+        return await self._pool.call(len(data), _prepare, data, offline_topic, tokenize_upto,
+                                     model_version)
 
     async def tokenize(self, data: bytes, keys: BatchKeys, items: np.ndarray | None, *,
                        offline_topic: bool = False) -> Tokenized:

@@ -126,6 +126,13 @@ class TokenizerService:
         self._stats = TokenizerStats()
         self._offline_calls = asyncio.Semaphore(settings.processes)
         self._lookups = settings.cache.redis_url is not None  # else nothing can hit
+        # Set before start() to follow the model's promoted version (the registry's pointer,
+        # polled every `follow_poll_s`): cache look-ups and cached scores switch to it at the
+        # promotion, as the workers start reloading onto it.
+        self.follow: Callable[[], Path | None] | None = None
+        self.follow_poll_s = 5.0
+        self._follow_task: asyncio.Task[None] | None = None
+        self._refused_version: str | None = None
 
     @property
     def _tokenizer_json(self) -> Path:
@@ -162,6 +169,9 @@ class TokenizerService:
             await self.cache.close()
             await self.pool.close()
             raise
+        if self.follow is not None:
+            self._follow_task = asyncio.create_task(self._follow_loop(),
+                                                    name=f"{self.name}-follow")
         m = self.manifest
         log.info("tokenizer.started", model_id=m.model_id, version=m.version, head=m.head,
                  max_length=m.max_length, processes=self.settings.processes,
@@ -177,6 +187,10 @@ class TokenizerService:
         await self.pipeline.run(self._handle, idle_exit_s=idle_exit_s)
 
     async def stop(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
         try:
             await self.pipeline.stop()
         finally:
@@ -191,9 +205,36 @@ class TokenizerService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def _follow_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a registry hiccup: try again next poll
+                await self.follow_once()
+            await asyncio.sleep(self.follow_poll_s)
+
+    async def follow_once(self) -> bool:
+        """Switch to the promoted version if it is another one this service can serve (same
+        tokenizer, head and max length); True when it switched."""
+        assert self.follow is not None
+        path = await asyncio.to_thread(self.follow)
+        if path is None or path.name in (self.manifest.version, self._refused_version):
+            return False
+        new = await asyncio.to_thread(read_manifest, path)
+        clash = [f for f in ("tokenizer_id", "head", "max_length")
+                 if getattr(new, f) != getattr(self.manifest, f)]
+        if clash:
+            self._refused_version = path.name
+            log.error("tokenizer.follow_refused", serving=self.manifest.version,
+                      promoted=new.version, differs=clash,
+                      hint="restart the tokenizer (and workers) onto this version")
+            return False
+        log.info("tokenizer.follow", old=self.manifest.version, new=new.version)
+        self.manifest = new
+        return True
+
     # -- per record ------------------------------------------------------------------------
     async def _handle(self, record: ConsumerRecord) -> None:
         started = time.perf_counter()
+        m = self.manifest  # the version this record's keys and cached scores are for
         data = record.value or b""
         offline_topic = record.topic == self.settings.topics.queries_offline
         # Without Redis the cache cannot hit (its in-process LRU is filled only by what Redis
@@ -204,7 +245,7 @@ class TokenizerService:
         try:
             async with limit:
                 prepared = await self.pool.prepare(data, offline_topic=offline_topic,
-                                                   tokenize_upto=upto)
+                                                   tokenize_upto=upto, model_version=m.version)
         except SchemaError as exc:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return
@@ -221,8 +262,8 @@ class TokenizerService:
             hits: list[ItemScore] = []
             misses: np.ndarray | None = None  # all
         else:
-            values = await self.cache.get_many(prepared.keys.lookup())
-            hits, misses = _split_hits(prepared, values, self.manifest)
+            values = await self.cache.get_many(prepared.keys.lookup(), version=m.version)
+            hits, misses = _split_hits(prepared, values, m)
         n_misses = n_items if misses is None else len(misses)
         self._stats.batches += 1
         self._stats.items += n_items
@@ -232,7 +273,7 @@ class TokenizerService:
         sends: list[asyncio.Future[object]] = []
         try:
             if hits:  # first, and not waiting for the misses: the point of the cache is latency
-                sends += await self._publish_cached(prepared, hits, started, key)
+                sends += await self._publish_cached(prepared, hits, started, key, m)
             if n_misses:
                 sends += await self._publish_tokens(data, prepared, misses, offline,
                                                     offline_topic, key)
@@ -247,10 +288,10 @@ class TokenizerService:
                   ms=round((time.perf_counter() - started) * 1000, 2))
 
     async def _publish_cached(self, prepared: Prepared, hits: list[ItemScore], started: float,
-                              key: bytes) -> list[asyncio.Future[object]]:
+                              key: bytes, m: Manifest) -> list[asyncio.Future[object]]:
         now = time.time()
         scores = ScoreBatch(
-            batch_id=prepared.batch_id, items=tuple(hits), model_id=self.manifest.model_id,
+            batch_id=prepared.batch_id, items=tuple(hits), model_id=m.model_id,
             produced_at=now,
             timings=Timings(tokenize_ms=(time.perf_counter() - started) * 1000,
                             total_ms=max(0.0, (now - prepared.submitted_at) * 1000)),

@@ -194,13 +194,10 @@ def worker(
     serve(make, service, metrics_prefix="qscore_worker", summary=summary)  # type: ignore[arg-type]
 
 
-def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, model_id: str,
-             cache: CacheSettings, load: Callable[[Path, int], list[Engine]]) -> Reloader:
-    """The worker's Reloader: the registry's pointer, a Redis lease when Redis is set."""
+def registry_pointer(engine_dir: Path, model_id: str) -> Callable[[], Path | None]:
+    """Reads the artifact `model_id`'s registry `current` names (None: none promoted)."""
     from engines.errors import RegistryError
-    from engines.golden import check_golden
     from engines.registry import EngineRegistry
-    from workers.reload import RedisLease, Reloader
 
     registry = EngineRegistry(engine_dir)
 
@@ -209,6 +206,17 @@ def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, mo
             return registry.get(model_id)
         except RegistryError:
             return None
+
+    return current
+
+
+def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, model_id: str,
+             cache: CacheSettings, load: Callable[[Path, int], list[Engine]]) -> Reloader:
+    """The worker's Reloader: the registry's pointer, a Redis lease when Redis is set."""
+    from engines.golden import check_golden
+    from workers.reload import RedisLease, Reloader
+
+    current = registry_pointer(engine_dir, model_id)
 
     lease = None
     if cache.redis_url is not None:
@@ -242,10 +250,18 @@ def tokenizer(
         "--embedding-format", envvar="QSCORE_EMBEDDING_FORMAT", help=(
             "The fleet's default for how scores carry embeddings, for query batches that do "
             "not ask: float (JSON numbers), base64 (float32 bytes) or base64-f16."))] = "float",
+    follow: Annotated[bool, typer.Option(
+        "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=_RELOAD, help=(
+            "Without --engine: look results up under the model's promoted version from the "
+            "moment it is promoted (the workers reload onto it)."))] = True,
+    reload_poll_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=_RELOAD, help=(
+            "How often the registry's pointer is read."))] = _R.poll_s,
 ) -> None:
     """Run a tokenizer service: query batches in; cached scores, or token batches for the
     scoring workers, out. SIGTERM or Ctrl-C drains in-flight work and commits; a second one
     exits at once."""
+    from engines.manifest import read_manifest
     from engines.select import find_artifact
     from tokenizer_svc.service import (
         TokenizerService,
@@ -272,7 +288,16 @@ def tokenizer(
             processes=processes, group_id=group_id, max_in_flight=max_in_flight,
             tokenize_chunk=tokenize_chunk,
             embedding_format=embedding_format)  # type: ignore[arg-type]
-        serve(lambda: TokenizerService(settings), service, metrics_prefix="qscore_tokenizer",
+        model_id = read_manifest(path).model_id
+
+        def make() -> TokenizerService:
+            tokenizer = TokenizerService(settings)
+            if follow and service.artifact is None:
+                tokenizer.follow = registry_pointer(service.engine_dir, model_id)
+                tokenizer.follow_poll_s = reload_poll_s
+            return tokenizer
+
+        serve(make, service, metrics_prefix="qscore_tokenizer",
               summary=summary)  # type: ignore[arg-type]
     except (EngineError, TokenizerServiceError, OSError) as exc:
         fail(exc)

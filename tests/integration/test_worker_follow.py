@@ -111,3 +111,40 @@ async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
     assert all(len(v) == 1 for v in versions.values())
     assert worker.online.stats.dead_letters == 0
     assert {"reload_state", "reloads", "reloads_refused"} <= set(reloader.stats.metrics())
+
+
+async def test_the_tokenizer_follows_a_promotion_with_the_same_tokenizer_only(
+        default_engine_path: Path, tmp_path: Path) -> None:
+    from plumbing.kafka import KafkaSettings, Topics
+    from qscore.cli.services import registry_pointer
+    from schemas import QueryBatch, encode_query_batch
+    from tokenizer_svc.service import TokenizerService, TokenizerServiceSettings
+    from tokenizer_svc.units import batch_keys
+
+    root = tmp_path / "registry"
+    v1 = _version(default_engine_path, root, "v1")
+    _version(default_engine_path, root, "v2")
+    other = _version(default_engine_path, root, "v3-other-tokenizer")
+    write_manifest(other, replace(read_manifest(other), tokenizer_id="another@1"))
+    model = read_manifest(v1).model_id
+    registry = EngineRegistry(root)
+    registry.promote(model, "v1", smoke=False)
+    service = TokenizerService(TokenizerServiceSettings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"), topics=Topics(),
+        cache=CacheSettings(), artifact=v1, processes=1))
+    service.follow = registry_pointer(root, model)
+    assert not await service.follow_once()  # serving what is promoted
+    registry.promote(model, "v2", smoke=False)
+    assert await service.follow_once() and service.manifest.version == "v2"
+    registry.promote(model, "v3-other-tokenizer", smoke=False)
+    assert not await service.follow_once() and service.manifest.version == "v2"
+    # Keys are computed for the version the service now looks up.
+    items = (QueryItem(id="a", query="red shoes", docs=("cheap red shoes",)),)
+    await service.pool.start()
+    try:
+        prepared = await service.pool.prepare(
+            encode_query_batch(QueryBatch(batch_id="b", items=items, submitted_at=1.0)),
+            model_version=service.manifest.version)
+    finally:
+        await service.pool.close()
+    assert prepared.keys.digests == batch_keys(items, "v2").digests
