@@ -45,9 +45,12 @@ def up(
     configure_logging("warning")
     with err.status("preparing the engine"):
         path = find_artifact(engine_settings(model, engine_dir, artifact, None, None, None))
+    # Found by model (no --engine): the services follow its promotions while serving (hot
+    # reload; the QSCORE_RELOAD_* variables set its options for every service).
     spec = FleetSpec(artifact=path, tokenizers=tokenizers, workers=workers,
                      bootstrap_servers=bootstrap_servers, redis_url=redis_url,
-                     use_redis=not no_redis, topic_prefix=topic_prefix, partitions=partitions)
+                     use_redis=not no_redis, topic_prefix=topic_prefix, partitions=partitions,
+                     follow=None if artifact is not None else (engine_dir, model))
     stopping = False
 
     def stop(*_: object) -> None:

@@ -77,6 +77,9 @@ class FleetSpec:
     partitions: int = 4
     worker_args: Sequence[str] = ()
     tokenizer_args: Sequence[str] = ()
+    # Where `artifact` was found by model: services started with --engine-dir and --model
+    # (not --engine) follow the model's promoted version while serving. None: pinned.
+    follow: tuple[Path, str] | None = None
     workdir: Path | None = None
 
 
@@ -121,7 +124,12 @@ class LocalFleet:
     def common_args(self) -> list[str]:
         """Every service's flags; the Redis URL, which may hold a password, is in common_env."""
         args = ["--bootstrap-servers", self.bootstrap_servers,
-                "--topic-prefix", self.spec.topic_prefix, "--engine", str(self.spec.artifact)]
+                "--topic-prefix", self.spec.topic_prefix]
+        if self.spec.follow is not None:
+            engine_dir, model = self.spec.follow
+            args += ["--engine-dir", str(engine_dir), "--model", model]
+        else:
+            args += ["--engine", str(self.spec.artifact)]
         if self.broker is not None:
             args += ["--fast-groups"]  # the embedded broker holds group joins for ~a session
         return args
