@@ -73,6 +73,9 @@ def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefi
 _B = BatcherSettings()
 _R = ReloadSettings()
 _RELOAD = "Hot reload"
+ReloadPollS = Annotated[float, typer.Option(
+    envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=_RELOAD, help=(
+        "How often the registry's pointer is read."))]
 
 
 def worker(
@@ -127,9 +130,7 @@ def worker(
     reload_jitter_s: Annotated[float, typer.Option(
         envvar="QSCORE_RELOAD_JITTER_S", min=0, rich_help_panel=_RELOAD, help=(
             "Random delay before loading when no lease store is reachable."))] = _R.jitter_s,
-    reload_poll_s: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=_RELOAD, help=(
-            "How often the registry's pointer is read."))] = _R.poll_s,
+    reload_poll_s: ReloadPollS = _R.poll_s,
     engine_timeout: Annotated[float, typer.Option(envvar="QSCORE_ENGINE_TIMEOUT", min=0.1, help=(
         "Seconds one engine call may take; a call still running then is stuck (a hung GPU): "
         "its engine is taken out of service, and with none left the worker stops so a "
@@ -254,9 +255,7 @@ def tokenizer(
         "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=_RELOAD, help=(
             "Without --engine: look results up under the model's promoted version from the "
             "moment it is promoted (the workers reload onto it)."))] = True,
-    reload_poll_s: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=_RELOAD, help=(
-            "How often the registry's pointer is read."))] = _R.poll_s,
+    reload_poll_s: ReloadPollS = _R.poll_s,
 ) -> None:
     """Run a tokenizer service: query batches in; cached scores, or token batches for the
     scoring workers, out. SIGTERM or Ctrl-C drains in-flight work and commits; a second one
