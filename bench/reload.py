@@ -266,7 +266,7 @@ def main() -> None:
         ["scenario", "offered load", "p50 before", "p99 before", "p50 during", "p99 during",
          "p99 during / before", "seconds to switch", "lost", "errors", "versions after"],
         [summary(r, a, b) for r in runs])
-    plotted = plot(runs, DOCS / "reload.png")
+    plotted = not args.no_write and plot(runs, DOCS / "reload.png")
     body = (
         "## Hot reload under load (`bench/reload.py`)\n\n"
         f"Machine: {machine()}. `qscore up`'s fleet (embedded broker, 1 tokenizer, 2 scoring "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,11 +111,19 @@ def estimate_memory_bytes(weights_bytes: int, *, max_length: int, hidden_size: i
     return int(weights_bytes) + workspace
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, max_bytes_per_s: float | None = None) -> str:
+    """The file's sha256; `max_bytes_per_s` paces the reading (a hot reload verifies a new
+    version beside a serving one and must not take its cores and disk in one burst)."""
     digest = hashlib.sha256()
+    started, done = time.monotonic(), 0
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+            done += len(chunk)
+            if max_bytes_per_s:
+                ahead = done / max_bytes_per_s - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
     return digest.hexdigest()
 
 
@@ -149,8 +158,10 @@ def read_manifest(root: Path) -> Manifest:
     return Manifest.from_json(path.read_bytes(), root)
 
 
-def verify_artifact(root: Path, manifest: Manifest | None = None) -> Manifest:
-    """Re-hash every file and compare with the manifest; raise ArtifactError on any difference."""
+def verify_artifact(root: Path, manifest: Manifest | None = None, *,
+                    max_bytes_per_s: float | None = None) -> Manifest:
+    """Re-hash every file and compare with the manifest; raise ArtifactError on any difference.
+    `max_bytes_per_s` paces the hashing (sha256_file)."""
     manifest = manifest or read_manifest(root)
     present = set(list_files(root))
     listed = set(manifest.files)
@@ -163,7 +174,7 @@ def verify_artifact(root: Path, manifest: Manifest | None = None) -> Manifest:
         size = path.stat().st_size
         if size != entry.bytes:
             raise ArtifactError(root, f"{rel}: size {size} != {entry.bytes} in the manifest")
-        actual = sha256_file(path)
+        actual = sha256_file(path, max_bytes_per_s)
         if actual != entry.sha256:
             raise ArtifactError(
                 root, f"{rel}: checksum mismatch (sha256 {actual[:12]}… != {entry.sha256[:12]}…)"

@@ -109,9 +109,10 @@ def serving_devices(settings: EngineSettings, backend: str) -> list[str | None]:
 
 
 def load_for(settings: EngineSettings, path: Path, device: str | None = None,
-             threads: int | None = None) -> Engine:
+             threads: int | None = None, verify: bool = True) -> Engine:
     return load_engine(path, threads=threads or settings.threads, device=device,
-                       lanes=settings.lanes, graphs=settings.graphs, spin=settings.spin)
+                       lanes=settings.lanes, graphs=settings.graphs, spin=settings.spin,
+                       verify=verify)
 
 
 def open_engine(settings: EngineSettings,

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import structlog
 
 from engines.errors import EngineError
+from engines.manifest import verify_artifact
 from engines.protocol import Engine
 
 log = structlog.get_logger(__name__)
@@ -55,9 +56,12 @@ class ReloadSettings:
     lease_s: float = 600.0  # a lease's timeout (a reload that died frees it)
     jitter_s: float = 30.0  # without a lease store: a random delay before loading
     threads: int = 1  # engine threads while loading (the serving engines keep the cores)
+    # Checksums of a promoted version are verified as soon as it is seen, paced at this rate
+    # (a burst of hashing beside the serving engines is a latency spike on a small host).
+    verify_mb_per_s: float = 100.0
 
     def __post_init__(self) -> None:
-        for name in ("poll_s", "quiet_s", "deadline_s", "lease_s"):
+        for name in ("poll_s", "quiet_s", "deadline_s", "lease_s", "verify_mb_per_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if not 0 < self.quiet_load <= 1:
@@ -194,17 +198,20 @@ class Reloader:
                  load: Callable[[Path, int], list[Engine]], settings: ReloadSettings, *,
                  load_sample: Callable[[], tuple[float, int]],
                  lease: Lease | None = None, clock: Callable[[], float] = time.monotonic,
-                 check: Callable[[Engine], Any] | None = None) -> None:
+                 check: Callable[[Engine], Any] | None = None,
+                 verify: Callable[..., Any] | None = verify_artifact) -> None:
         """`current()` is the promoted artifact (None: none); `load(path, threads)` loads the
-        worker's engines of it (blocking: run in a thread); `load_sample()` is (load
+        worker's engines of it without verifying checksums again (blocking: run in a
+        thread); `load_sample()` is (load
         fraction, queue depth) now; `check(engine)` is the golden check
         (engines.golden.check_golden)."""
         self.worker, self.current, self.load, self.settings = worker, current, load, settings
         self.load_sample, self.lease, self.clock = load_sample, lease, clock
-        self.check = check
+        self.check, self.verify = check, verify
         self.controller = ReloadController(settings)
         self.stats = ReloadStats(serving=worker.manifest.version)
         self._refused: set[str] = set()  # versions refused (until the pointer moves again)
+        self._verify_s = 0.0
 
     async def close(self) -> None:
         if self.lease is not None:
@@ -241,6 +248,9 @@ class Reloader:
             self.stats.state, self.stats.pending = "pending", version
             self.stats.pending_since = time.time()
             log.info("reload_pending", serving=serving, promoted=version)
+            assert path is not None
+            if not await self._verify(path, version):
+                return False
         load, depth = self.load_sample()
         go, reason = self.controller.decide(now, load, depth)
         if not go:
@@ -270,15 +280,37 @@ class Reloader:
                 with contextlib.suppress(Exception):
                     await self.lease.release()
 
+    async def _verify(self, path: Path, version: str) -> bool:
+        """Checksums, paced, while the version waits for its window (refused on mismatch)."""
+        if self.verify is None:
+            return True
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(self.verify, path,
+                                    max_bytes_per_s=self.settings.verify_mb_per_s * 1e6)
+        except EngineError as exc:
+            return self._refuse(version, f"verification failed: {exc}")
+        self._verify_s = time.perf_counter() - started
+        return True
+
     async def _load_check_swap(self, path: Path, version: str) -> bool:
-        phases: dict[str, float] = {}
+        phases: dict[str, float] = {"verify": self._verify_s}
         started = time.perf_counter()
         self.stats.state = "loading"
-        try:
+        try:  # verified already: the load does not hash the files again
             engines = await asyncio.to_thread(self.load, path, self.settings.threads)
-        except EngineError as exc:  # does not fit, corrupt, mismatched: refused
+        except EngineError as exc:  # does not fit, mismatched: refused
             return self._refuse(version, f"load failed: {exc}")
         phases["load"] = time.perf_counter() - started
+        warm = time.perf_counter()
+        try:
+            for engine in engines:
+                await asyncio.to_thread(engine.health)
+        except EngineError as exc:
+            for engine in engines:
+                engine.close()
+            return self._refuse(version, f"warm-up failed: {exc}")
+        phases["warmup"] = time.perf_counter() - warm
         self.stats.state = "checking"
         if self.check is not None:
             report = await asyncio.to_thread(self.check, engines[0])

@@ -188,7 +188,7 @@ def worker(
         if reload is not None:
             worker.reloader = follower(worker, reload, service.engine_dir, manifest.model_id,
                                        service.cache, lambda p, t: [
-                                           load_for(settings_, p, threads=t)
+                                           load_for(settings_, p, threads=t, verify=False)
                                            for _ in range(len(loaded))])
         return worker
 

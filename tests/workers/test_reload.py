@@ -78,6 +78,9 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
+    def health(self) -> None:
+        pass
+
 
 class FakeWorker:
     def __init__(self) -> None:
@@ -109,7 +112,7 @@ def _reloader(pointer: list[str | None], *, ok: bool = True, load_error: bool = 
     reloader = Reloader(worker, lambda: None if pointer[0] is None else Path("/r") / pointer[0],
                         load, ReloadSettings(quiet_s=1, jitter_s=0), check=check,  # type: ignore[arg-type]
                         load_sample=lambda: (0.0, 0), lease=lease,  # type: ignore[arg-type]
-                        clock=lambda: clock.now)
+                        clock=lambda: clock.now, verify=None)
     reloader.clock_state = clock  # type: ignore[attr-defined]
     return reloader, worker, loaded
 
@@ -131,7 +134,8 @@ async def test_a_promotion_is_loaded_checked_and_swapped_in_when_quiet() -> None
     assert reloader.stats.state == "pending" and reloader.stats.pending == "v2"
     assert await _steps(reloader, [2.5, 3]) == [False, True]  # quiet for quiet_s (1 s)
     assert worker.swapped == ["v2"] and reloader.stats.state == "serving"
-    assert reloader.stats.reloads == 1 and set(reloader.stats.phases_s) >= {"load", "check"}
+    assert reloader.stats.reloads == 1
+    assert set(reloader.stats.phases_s) >= {"verify", "load", "warmup", "check", "total"}
     assert await _steps(reloader, [5, 6]) == [False, False]  # nothing new
 
 
@@ -183,3 +187,18 @@ async def test_the_fleet_lease_limits_reloads_and_a_lease_store_outage_never_sta
     reloader, worker, _ = _reloader(pointer, lease=down)
     await _steps(reloader, [0, 1, 2])
     assert worker.swapped == ["v2"]  # jitter (0 here) instead of the lease
+
+
+async def test_checksums_are_verified_paced_as_soon_as_a_version_is_promoted() -> None:
+    pointer: list[str | None] = ["v2"]
+    reloader, worker, loaded = _reloader(pointer)
+    calls: list[tuple[Path, float]] = []
+
+    def verify(path: Path, *, max_bytes_per_s: float) -> None:
+        calls.append((path, max_bytes_per_s))
+        raise ArtifactError(path, "model.onnx: checksum mismatch")
+
+    reloader.verify = verify
+    assert await _steps(reloader, [0]) == [False]  # refused at once, before any window
+    assert calls == [(Path("/r/v2"), 100e6)] and loaded == [] and worker.swapped == []
+    assert "verification failed" in reloader.stats.last_reason
