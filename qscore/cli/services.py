@@ -131,6 +131,11 @@ def worker(
         envvar="QSCORE_RELOAD_JITTER_S", min=0, rich_help_panel=_RELOAD, help=(
             "Random delay before loading when no lease store is reachable."))] = _R.jitter_s,
     reload_poll_s: ReloadPollS = _R.poll_s,
+    reload_verify_mb_per_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_VERIFY_MB_PER_S", min=1, rich_help_panel=_RELOAD, help=(
+            "Checksums of a promoted version are verified as soon as it is seen, at most this "
+            "fast (a burst beside the serving engines is a latency spike)."))]
+    = _R.verify_mb_per_s,
     engine_timeout: Annotated[float, typer.Option(envvar="QSCORE_ENGINE_TIMEOUT", min=0.1, help=(
         "Seconds one engine call may take; a call still running then is stuck (a hung GPU): "
         "its engine is taken out of service, and with none left the worker stops so a "
@@ -178,7 +183,7 @@ def worker(
             reload = ReloadSettings(
                 poll_s=reload_poll_s, quiet_load=reload_quiet_load, quiet_s=reload_quiet_s,
                 deadline_s=reload_deadline_s, max_concurrent=reload_max_concurrent,
-                jitter_s=reload_jitter_s,
+                jitter_s=reload_jitter_s, verify_mb_per_s=reload_verify_mb_per_s,
                 window=parse_window(reload_window) if reload_window else None)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--reload-window") from None
