@@ -297,8 +297,13 @@ class Reloader:
         phases: dict[str, float] = {"verify": self._verify_s}
         started = time.perf_counter()
         self.stats.state = "loading"
+        loading = asyncio.ensure_future(asyncio.to_thread(self.load, path,
+                                                          self.settings.threads))
         try:  # verified already: the load does not hash the files again
-            engines = await asyncio.to_thread(self.load, path, self.settings.threads)
+            engines = await asyncio.shield(loading)
+        except asyncio.CancelledError:  # the worker is stopping: free what the thread loads
+            loading.add_done_callback(_close_loaded)
+            raise
         except EngineError as exc:  # does not fit, mismatched: refused
             return self._refuse(version, f"load failed: {exc}")
         phases["load"] = time.perf_counter() - started
@@ -342,3 +347,10 @@ class Reloader:
         log.error("reload_refused", version=version, serving=self.worker.manifest.version,
                   reason=reason)
         return False
+
+
+def _close_loaded(loading: asyncio.Future[list[Engine]]) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        for engine in loading.result():
+            with contextlib.suppress(Exception):
+                engine.close()

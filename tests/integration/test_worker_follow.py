@@ -148,3 +148,63 @@ async def test_the_tokenizer_follows_a_promotion_with_the_same_tokenizer_only(
     finally:
         await service.pool.close()
     assert prepared.keys.digests == batch_keys(items, "v2").digests
+
+
+async def test_a_stop_in_the_middle_of_a_reload_loses_nothing_and_frees_the_new_engine(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path, tmp_path: Path) -> None:
+    # SIGTERM while a promoted version is still loading: the worker drains and commits on
+    # the version it serves, and the engine the load thread returns late is closed.
+    import threading
+
+    root = tmp_path / "registry"
+    v1 = _version(default_engine_path, root, "v1")
+    _version(default_engine_path, root, "v2")
+    model = read_manifest(v1).model_id
+    registry = EngineRegistry(root)
+    registry.promote(model, "v1", smoke=False)
+    topics = await _topics(create_topic, topic_name)
+    engine = load_engine(registry.get(model), threads=1)
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                                          group_id=f"{topic_name}-w"), [engine])
+    entered, release, closed = threading.Event(), threading.Event(), threading.Event()
+
+    class Tracked:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def close(self) -> None:
+            self.inner.close()  # type: ignore[attr-defined]
+            closed.set()
+
+    def slow_load(path: Path, threads: int) -> list[object]:
+        entered.set()
+        release.wait(30)
+        return [Tracked(load_engine(path, threads=threads))]
+
+    worker.reloader = follower(worker, ReloadSettings(poll_s=0.1, quiet_s=0.1, jitter_s=0),
+                               root, model, CacheSettings(), slow_load)  # type: ignore[arg-type]
+    items = [QueryItem(id=f"q{i}", query=f"weather in city {i}") for i in range(5)]
+    tbs = [tokenize(engine, items, f"s{n:02d}") for n in range(20)]
+    producer = make_producer(kafka(kafka_bootstrap))
+    await worker.start()
+    await producer.start()
+    try:
+        run = asyncio.create_task(worker.run())
+        await asyncio.gather(*[await producer.send(topics.tokens, encode_token_batch(tb),
+                                                   key=tb.batch_id.encode()) for tb in tbs])
+        registry.promote(model, "v2", smoke=False)
+        assert await asyncio.to_thread(entered.wait, 30)  # loading v2 now
+        assert worker.reloader.stats.state == "loading"
+        worker.request_stop()  # SIGTERM
+        await asyncio.wait_for(run, 30)
+    finally:
+        await producer.stop()
+        await worker.stop()
+    release.set()  # the load thread finishes after the worker stopped
+    values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
+    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
+    assert sorted(batches) == [tb.batch_id for tb in tbs]
+    assert all(it.model_version == "v1" for b in batches.values() for it in b.items)
+    assert worker.online.stats.dead_letters == 0 and worker.swaps == 0
+    assert await asyncio.to_thread(closed.wait, 30)  # freed once the thread returned it
