@@ -85,7 +85,13 @@ async def test_2000_items_scored_once_equal_to_rescore_and_repeats_come_from_cac
         async with ScoreConsumer(kafka, topics, from_beginning=False) as again:
             await publish(producer, batches)
             second: Scores = await again.collect(expected(batches), timeout=120)
-        assert all(s.cached for items in second.values() for s in items.values())
+        fresh = [(b, i, s.model_version) for b, items in second.items()
+                 for i, s in items.items() if not s.cached]
+        # Seen once in CI (2026-11-29, not reproduced in 3 local runs): some items arrived
+        # uncached while the tokenizer counted 2000 hits; say which, to find where from.
+        assert not fresh, (f"{len(fresh)} items not from the cache, e.g. {fresh[:5]}; "
+                           f"worker engine calls {engine_calls} -> {worker.stats.batches}, "
+                           f"tokenizer cached {tokenizer.stats.cached_items}")
         assert worker.stats.batches == engine_calls
         assert tokenizer.stats.cached_items >= 2000
         for b, items in second.items():
