@@ -129,10 +129,11 @@ def engine_alone_us(artifact: Path, queries: list[str], per_batch: int, docs: in
 
 # -- CPU time from /proc -------------------------------------------------------------------
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(ppid, utime + stime in seconds) of a live process, None if it is gone."""
+def _stat(pid: int, stat: str = "stat") -> tuple[int, float] | None:
+    """(ppid, utime + stime in seconds) of a live process (or, with stat="task/TID/stat",
+    one of its threads), None if it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/{stat}").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
@@ -203,9 +204,8 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 def loop_thread_seconds(pid: int) -> float:
     """CPU time of a process's main thread: a service's event loop, where its Python runs
     (engine lanes, ONNX Runtime and tokenizer threads are the others)."""
-    text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    st = _stat(pid, f"task/{pid}/stat")
+    return st[1] if st is not None else 0.0
 
 
 # -- one fleet, one or more timed streams --------------------------------------------------

@@ -51,12 +51,10 @@ class GoldenReport:
 
 def golden_queries(n: int = GOLDEN_QUERIES) -> list[str]:
     """`n` real queries from the third of the sample log no build step uses, in a fixed order."""
-    from engines.quantize import load_texts
+    from engines.quantize import shuffled_texts
     from engines.source import default_sample_log
 
-    texts = sorted(set(load_texts(default_sample_log())))
-    rng = np.random.default_rng(0)  # the same shuffle as quantize.split_texts
-    texts = [texts[i] for i in rng.permutation(len(texts))]
+    texts = shuffled_texts(default_sample_log())
     return texts[2 * (len(texts) // 3):][:n]
 
 

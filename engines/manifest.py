@@ -143,6 +143,13 @@ def list_files(root: Path) -> list[str]:
     )
 
 
+def swap_blockers(serving: Manifest, new: Manifest) -> list[str]:
+    """The fields in which `new` differs from `serving` so that services cannot switch to it
+    while running (their TokenBatches would differ): empty when a hot swap is possible."""
+    return [name for name in ("tokenizer_id", "head", "max_length")
+            if getattr(new, name) != getattr(serving, name)]
+
+
 def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_bytes(manifest.to_json())

@@ -245,13 +245,19 @@ def _quiet_onnxruntime_logging() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
 
 
-def split_texts(source: Path, minimum: int = 50) -> tuple[list[str], list[str]]:
-    """Calibration and validation thirds of a query file (the last third is never used).
-
-    Deduplicated and shuffled with a fixed seed: the split does not depend on file order."""
+def shuffled_texts(source: Path) -> list[str]:
+    """A query file's distinct texts shuffled with a fixed seed: an order that does not
+    depend on the file's, and the one every third of it (split_texts, the golden set) is cut
+    from."""
     texts = sorted(set(load_texts(source)))
     rng = np.random.default_rng(0)
-    texts = [texts[i] for i in rng.permutation(len(texts))]
+    return [texts[i] for i in rng.permutation(len(texts))]
+
+
+def split_texts(source: Path, minimum: int = 50) -> tuple[list[str], list[str]]:
+    """Calibration and validation thirds of a query file (the last third is never used here:
+    engines.golden takes its queries from it)."""
+    texts = shuffled_texts(source)
     third = len(texts) // 3
     if third < minimum:
         raise BuildError(f"{source}: {len(texts)} distinct queries; an accuracy check needs "

@@ -240,8 +240,7 @@ class ResultCache:
         self.stats.hits_local += sum(v is not None for v in found)
         missing = list(dict.fromkeys(d for d, v in zip(digests, found, strict=True) if v is None))
         if missing and self._redis is not None:
-            keys = [redis_key(self.settings.key_prefix, version or self.model_version, d)
-                    for d in missing]
+            keys = [self._key(d, version) for d in missing]
             values = await self._call(lambda r: r.mget(keys))
             fetched = {d: v for d, v in zip(missing, values or (), strict=False) if v is not None}
             for d, v in fetched.items():
@@ -269,8 +268,7 @@ class ResultCache:
         self.stats.writes += len(entries)
         if not entries or self._redis is None:
             return
-        keys = [redis_key(self.settings.key_prefix, version or self.model_version, d)
-                for d, _ in entries]
+        keys = [self._key(d, version) for d, _ in entries]
         args = [v for _, v in entries]
         args.append(self.settings.ttl_s)
         script = self._put_script
@@ -317,8 +315,8 @@ class ResultCache:
         if not self._started:
             raise RuntimeError("ResultCache is not started: use `async with` or await start()")
 
-    def _key(self, digest: bytes) -> bytes:
-        return redis_key(self.settings.key_prefix, self.model_version, digest)
+    def _key(self, digest: bytes, version: str | None = None) -> bytes:
+        return redis_key(self.settings.key_prefix, version or self.model_version, digest)
 
     def _local_get(self, digest: bytes) -> bytes | None:
         value = self._local.get(digest)

@@ -35,7 +35,7 @@ import structlog
 from aiokafka import ConsumerRecord
 
 from engines.errors import ArtifactError
-from engines.manifest import Manifest, read_manifest
+from engines.manifest import Manifest, read_manifest, swap_blockers
 from engines.tokenizer import check_artifact_tokenizer
 from plumbing.cache import CacheSettings, ResultCache
 from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics
@@ -219,8 +219,7 @@ class TokenizerService:
         if path is None or path.name in (self.manifest.version, self._refused_version):
             return False
         new = await asyncio.to_thread(read_manifest, path)
-        clash = [f for f in ("tokenizer_id", "head", "max_length")
-                 if getattr(new, f) != getattr(self.manifest, f)]
+        clash = swap_blockers(self.manifest, new)
         if clash:
             self._refused_version = path.name
             log.error("tokenizer.follow_refused", serving=self.manifest.version,

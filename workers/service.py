@@ -21,7 +21,7 @@ import structlog
 from aiokafka import ConsumerRecord
 
 from engines.errors import EngineDead
-from engines.manifest import Manifest
+from engines.manifest import Manifest, swap_blockers
 from engines.protocol import Engine
 from engines.tokenizer import artifact_tokenizer_json, artifact_vocab_size
 from plumbing.cache import CacheSettings, ResultCache
@@ -171,8 +171,7 @@ class ScoringWorker:
         new = EnginePool(engines, call_timeout_s=self.settings.engine_timeout_s)
         old = self.manifest
         m = new.manifest
-        clash = [name for name in ("tokenizer_id", "head", "max_length")
-                 if getattr(m, name) != getattr(old, name)]
+        clash = swap_blockers(old, m)
         if clash:
             await new.close()
             raise ValueError(f"version {m.version} differs from the serving {old.version} in "
