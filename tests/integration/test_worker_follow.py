@@ -34,16 +34,23 @@ def _version(src: Path, root: Path, name: str) -> Path:
     return target
 
 
+def _registry(src: Path, root: Path, *more: str) -> tuple[EngineRegistry, str]:
+    """A registry at `root` with versions v1 (promoted), v2 and `more`, all copies of `src`;
+    and the model id."""
+    model = read_manifest(_version(src, root, "v1")).model_id
+    for name in ("v2", *more):
+        _version(src, root, name)
+    registry = EngineRegistry(root)
+    registry.promote(model, "v1", smoke=False)
+    return registry, model
+
+
 async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
         kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
         default_engine_path: Path, tmp_path: Path) -> None:
     root = tmp_path / "registry"
-    v1 = _version(default_engine_path, root, "v1")
-    _version(default_engine_path, root, "v2")
-    bad = _version(default_engine_path, root, "v3-corrupt")
-    model = read_manifest(v1).model_id
-    registry = EngineRegistry(root)
-    registry.promote(model, "v1", smoke=False)
+    registry, model = _registry(default_engine_path, root, "v3-corrupt")
+    bad = registry.get(model, "v3-corrupt")
     topics = await _topics(create_topic, topic_name)
     engine = load_engine(registry.get(model), threads=1)
     worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
@@ -122,16 +129,12 @@ async def test_the_tokenizer_follows_a_promotion_with_the_same_tokenizer_only(
     from tokenizer_svc.units import batch_keys
 
     root = tmp_path / "registry"
-    v1 = _version(default_engine_path, root, "v1")
-    _version(default_engine_path, root, "v2")
-    other = _version(default_engine_path, root, "v3-other-tokenizer")
+    registry, model = _registry(default_engine_path, root, "v3-other-tokenizer")
+    other = registry.get(model, "v3-other-tokenizer")
     write_manifest(other, replace(read_manifest(other), tokenizer_id="another@1"))
-    model = read_manifest(v1).model_id
-    registry = EngineRegistry(root)
-    registry.promote(model, "v1", smoke=False)
     service = TokenizerService(TokenizerServiceSettings(
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"), topics=Topics(),
-        cache=CacheSettings(), artifact=v1, processes=1))
+        cache=CacheSettings(), artifact=registry.get(model, "v1"), processes=1))
     service.follow = registry_pointer(root, model)
     assert not await service.follow_once()  # serving what is promoted
     registry.promote(model, "v2", smoke=False)
@@ -158,11 +161,7 @@ async def test_a_stop_in_the_middle_of_a_reload_loses_nothing_and_frees_the_new_
     import threading
 
     root = tmp_path / "registry"
-    v1 = _version(default_engine_path, root, "v1")
-    _version(default_engine_path, root, "v2")
-    model = read_manifest(v1).model_id
-    registry = EngineRegistry(root)
-    registry.promote(model, "v1", smoke=False)
+    registry, model = _registry(default_engine_path, root)
     topics = await _topics(create_topic, topic_name)
     engine = load_engine(registry.get(model), threads=1)
     worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
