@@ -13,12 +13,18 @@ from engines.protocol import Engine
 
 def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
                 check_memory: bool = True, device: str | None = None,
-                lanes: int | None = None, graphs: bool = True, spin: bool = True) -> Engine:
+                lanes: int | None = None, graphs: bool = True, spin: bool = True,
+                load_max_bytes_per_s: float | None = None,
+                load_chunk_bytes: int | None = None) -> Engine:
     """Load an artifact on its backend's runtime.
 
     `device`, `lanes` and `graphs` apply to GPU runtimes (torch, tensorrt); they check the
     device's own free memory, the CPU runtime the host's. `spin` off makes ONNX Runtime's idle
-    threads yield their cores (for hosts shared with other busy processes)."""
+    threads yield their cores (for hosts shared with other busy processes).
+    `load_max_bytes_per_s` caps the torch runtime's host-to-device weight copies, made in
+    chunks of `load_chunk_bytes` (None: 8 MiB): a hot reload beside a serving engine passes
+    a cap, a cold start none (see docs/gpu.md). The engine's `load_phases` says how long each
+    step of the load took."""
     manifest = read_manifest(Path(path))
     if manifest.backend == "onnxruntime":
         if check_memory:
@@ -35,17 +41,19 @@ def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
         except ImportError as exc:
             raise BackendUnavailable("the torch backend needs PyTorch: pip install torch (a "
                                      "CUDA build on GPU hosts)") from exc
-        return TorchEngine(Path(path), options=TorchOptions(device=device, lanes=lanes,
-                                                            graphs=graphs),
-                           verify=verify, check_memory=check_memory)
+        chunk = {} if load_chunk_bytes is None else {"load_chunk_bytes": load_chunk_bytes}
+        options = TorchOptions(device=device, lanes=lanes, graphs=graphs,
+                               load_max_bytes_per_s=load_max_bytes_per_s, **chunk)
+        return TorchEngine(Path(path), options=options, verify=verify,
+                           check_memory=check_memory)
     if manifest.backend == "tensorrt":
         from engines.tensorrt.runtime import TensorRTEngine
 
         index = _cuda_index(device)
-        options: dict[str, Any] = {"device": index, "verify": verify}
+        trt: dict[str, Any] = {"device": index, "verify": verify}
         if lanes is not None:
-            options["lanes"] = lanes
-        return TensorRTEngine(Path(path), **options)
+            trt["lanes"] = lanes
+        return TensorRTEngine(Path(path), **trt)
     raise BackendUnavailable(
         f"{path}: backend {manifest.backend!r} is not available in this qscore build"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -35,9 +36,20 @@ class OnnxRuntimeEngine:
         if manifest.backend != BACKEND:
             raise ArtifactError(self.path, f"backend {manifest.backend!r} cannot be loaded by "
                                            f"the {BACKEND} runtime")
+        # Seconds per loading step: verify (if asked), read (the model file into memory),
+        # session (ONNX Runtime parses, optimises and plans the graph).
+        self.load_phases: dict[str, float] = {}
+        lap = time.perf_counter()
         if verify:
             verify_artifact(self.path, manifest)
+            lap = self._phase("verify", lap)
         self.manifest: Manifest = manifest
+        try:  # read apart from the session build, so each is timed (one file: qscore's
+            # exports keep no external weights, which a model given as bytes could not find)
+            model = (self.path / manifest.model_file).read_bytes()
+        except OSError as exc:
+            raise ArtifactError(self.path, f"cannot read {manifest.model_file}: {exc}") from exc
+        lap = self._phase("read", lap)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -46,14 +58,19 @@ class OnnxRuntimeEngine:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(
-                str(self.path / manifest.model_file), sess_options=options,
-                providers=["CPUExecutionProvider"],
-            )
+            self._session = ort.InferenceSession(model, sess_options=options,
+                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own types for bad graphs
             raise ArtifactError(self.path, f"ONNX Runtime cannot load the model: {exc}") from exc
+        del model
+        self._phase("session", lap)
         names = {i.name for i in self._session.get_inputs()}
         self._inputs = tuple(n for n in INPUT_NAMES if n in names)
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.load_phases[name] = now - since
+        return now
 
     lanes = 1  # a session per slot on CPU: EnginePool runs several sessions, not lanes
     device = "cpu"

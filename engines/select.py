@@ -109,10 +109,15 @@ def serving_devices(settings: EngineSettings, backend: str) -> list[str | None]:
 
 
 def load_for(settings: EngineSettings, path: Path, device: str | None = None,
-             threads: int | None = None, verify: bool = True) -> Engine:
+             threads: int | None = None, verify: bool = True, *,
+             load_max_bytes_per_s: float | None = None,
+             load_chunk_bytes: int | None = None) -> Engine:
+    """`settings`' engine of `path` on `device`. A hot reload passes `load_max_bytes_per_s`
+    (the torch runtime's host-to-device copy cap; engines.loader.load_engine)."""
     return load_engine(path, threads=threads or settings.threads, device=device,
                        lanes=settings.lanes, graphs=settings.graphs, spin=settings.spin,
-                       verify=verify)
+                       verify=verify, load_max_bytes_per_s=load_max_bytes_per_s,
+                       load_chunk_bytes=load_chunk_bytes)
 
 
 def open_engine(settings: EngineSettings,

@@ -186,18 +186,41 @@ def save_encoder(directory: Path, cfg: EncoderConfig, state: dict[str, torch.Ten
               str(directory / WEIGHTS_NAME))
 
 
-def load_encoder(directory: Path, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> Encoder:
-    """Build the Encoder from an artifact directory, weights cast to `dtype` on `device`."""
+def read_weights(directory: Path, *, resident: bool = False) -> dict[str, torch.Tensor]:
+    """The artifact's weights as host tensors, in their stored dtype.
+
+    Mapped from the file by default (pages are read as they are first touched, and several
+    processes share them); `resident` reads every byte now into the process's own memory, so
+    the read is over before a copy to the device starts (a hot load times them apart)."""
     from safetensors.torch import load_file
 
-    cfg = EncoderConfig.read(directory / CONFIG_NAME)
+    from engines.load_copy import host_copy
+
+    state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+    return {k: host_copy(v) for k, v in state.items()} if resident else state
+
+
+def encoder_from_state(cfg: EncoderConfig, state: dict[str, torch.Tensor], *,
+                       dtype: torch.dtype, device: torch.device | str,
+                       where: Path | str = "weights") -> Encoder:
+    """The Encoder over `state` (tensors already on `device`), cast to `dtype` there."""
     with torch.device("meta"):
         model = Encoder(cfg)
-    state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
     missing = set(model.state_dict()) - set(state)
     if missing:
-        raise BuildError(f"{directory}: weights are missing {sorted(missing)[:5]}")
+        raise BuildError(f"{where}: weights are missing {sorted(missing)[:5]}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.position_ids = torch.arange(cfg.max_position, device=device)
     return model.eval().requires_grad_(False)
+
+
+def load_encoder(directory: Path, *, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> Encoder:
+    """Build the Encoder from an artifact directory, weights cast to `dtype` on `device`
+    (read straight onto the device: the simple path, for builds and as the tests' reference;
+    the runtime reads to host and copies in paced chunks, engines.load_copy)."""
+    from safetensors.torch import load_file
+
+    cfg = EncoderConfig.read(directory / CONFIG_NAME)
+    state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+    return encoder_from_state(cfg, state, dtype=dtype, device=device, where=directory)

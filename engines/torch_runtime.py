@@ -6,6 +6,12 @@ load so no capture ever happens under traffic. A lane's call copies its batch in
 graph and copies the result out, all queued on its own stream, so while one lane computes
 batch n the other copies batch n+1: the two-stream overlap of the 360 Search and Bing articles.
 
+Loading stays off the serving path of another engine on the same GPU (a hot swap): weights are
+read to host, copied in paced chunks on a low-priority stream (engines.load_copy), cast and
+quantized on that stream, and each lane warms up and captures its graphs on its own stream,
+without the device-wide synchronisations `torch.cuda.graph` makes. Serving lanes take the
+highest stream priority. `load_phases` says how long each step took.
+
 The same class runs on CPU (no graphs, no streams) so every path short of CUDA itself is tested
 on machines without a GPU, and the build measures quantized accuracy there.
 """
@@ -13,6 +19,8 @@ on machines without a GPU, and the build measures quantized accuracy there.
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +31,16 @@ import torch
 from engines.batch import PaddedBatch, pad_sequences
 from engines.buckets import Bucket, BucketPlan, pad_to_bucket
 from engines.errors import ArtifactError, BackendUnavailable, EngineDead, EngineError
+from engines.load_copy import DEFAULT_CHUNK_BYTES, StagedCopier, stream_priorities
 from engines.manifest import Manifest, read_manifest, verify_artifact
 from engines.memory import check_fits, host_available_bytes
-from engines.torch_model import CONFIG_NAME, Encoder, EncoderConfig, load_encoder
+from engines.torch_model import (
+    CONFIG_NAME,
+    Encoder,
+    EncoderConfig,
+    encoder_from_state,
+    read_weights,
+)
 from engines.torch_quant import QUANT_PRECISIONS, fp8_supported, quantize_linears
 
 BACKEND = "torch"
@@ -41,6 +56,17 @@ class TorchOptions:
     max_batch: int = 64
     max_tokens: int = 64 * 256  # padded tokens of the largest prepared shape
     dtype: str | None = None  # float dtype of activations; None: fp16 on GPU, fp32 on CPU
+    # Host-to-device weight copies (GPU only): chunk size through the page-locked staging
+    # buffer, and the average byte rate (None: unpaced, for a cold start; a hot reload caps it
+    # so the serving engine's own copies keep the bus).
+    load_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    load_max_bytes_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.load_chunk_bytes < 1:
+            raise ValueError(f"load_chunk_bytes must be >= 1, not {self.load_chunk_bytes}")
+        if self.load_max_bytes_per_s is not None and self.load_max_bytes_per_s <= 0:
+            raise ValueError("load_max_bytes_per_s must be > 0, or None for no cap")
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -120,9 +146,15 @@ class TorchEngine:
         if manifest.precision not in PRECISIONS:
             raise ArtifactError(self.path, f"precision {manifest.precision!r} is not one of "
                                            f"{PRECISIONS}")
+        # Seconds per loading step: verify (if asked), read, copy, build, capture (graphs).
+        self.load_phases: dict[str, float] = {}
+        self.load_copy: dict[str, float] = {}  # GPU: bytes, chunks, paced_s of the copy
+        self._lap = time.perf_counter()
         if verify:
             verify_artifact(self.path, manifest)
+            self._phase("verify")
         self.manifest: Manifest = manifest
+        self._opts = opts
         self._device = opts.resolved_device()
         self.device = str(self._device)
         self.cuda = self._device.type == "cuda"
@@ -141,14 +173,22 @@ class TorchEngine:
                                             dtype_bytes=self.dtype.itemsize)
         if check_memory:
             check_fits(self.path, self.memory_bytes, self._free_bytes(), device=self.device)
-        self.model = self._load_model()
+        self.model = self._load_model()  # read, copy, build
         self._lanes = [self._make_lane(i) for i in range(self.lanes)]
+        self._phase("build")
         self.graphs = bool(opts.graphs and self.cuda)
         if self.graphs:
             for lane in self._lanes:
                 self._capture(lane)
+            self._phase("capture")
 
     # -- loading -------------------------------------------------------------------------
+
+    def _phase(self, name: str) -> None:
+        """Charge the time since the previous step to `name`."""
+        now = time.perf_counter()
+        self.load_phases[name] = self.load_phases.get(name, 0.0) + now - self._lap
+        self._lap = now
 
     def _free_bytes(self) -> int | None:
         if self.cuda:
@@ -157,15 +197,39 @@ class TorchEngine:
         return host_available_bytes()
 
     def _load_model(self) -> Encoder:
+        """Weights read to host ("read"), copied to the device ("copy"), cast and quantized
+        there ("build"). On a GPU the copy is chunked and paced on a low-priority stream, and
+        the casts and quantization kernels run on that stream too; on CPU the host tensors
+        are the engine's (mapped from the file, as `load_encoder` does)."""
+        self._lap = time.perf_counter()  # the memory check is not loading
+        host = read_weights(self.path, resident=self.cuda)
+        self._phase("read")
+        copier = None
         try:
-            model = load_encoder(self.path, dtype=self.dtype, device=self._device)
+            if self.cuda:
+                copier = StagedCopier(self._device, chunk_bytes=self._opts.load_chunk_bytes,
+                                      max_bytes_per_s=self._opts.load_max_bytes_per_s)
+                state = copier.copy(host)
+                self.load_copy = {"bytes": copier.stats.bytes, "chunks": copier.stats.chunks,
+                                  "paced_s": round(copier.stats.paced_s, 3)}
+            else:
+                state = host
+            del host
+            self._phase("copy")
+            with copier.on_stream() if copier is not None else nullcontext():
+                model = encoder_from_state(self.config, state, dtype=self.dtype,
+                                           device=self._device, where=self.path)
+                del state
+                if self.manifest.precision in QUANT_PRECISIONS:
+                    keep = set(self.manifest.build.get("quantization", {}).get("excluded", []))
+                    names = [n for n in self.config.linear_names() if n not in keep]
+                    quantize_linears(model, self.manifest.precision, names,
+                                     out_dtype=self.dtype)
+            if copier is not None:
+                copier.synchronize()  # the lanes' streams read finished weights
         except torch.cuda.OutOfMemoryError as exc:
             raise EngineError(f"{self.path}: out of GPU memory loading weights on "
                               f"{self.device}: {exc}") from exc
-        if self.manifest.precision in QUANT_PRECISIONS:
-            keep = set(self.manifest.build.get("quantization", {}).get("excluded", []))
-            names = [n for n in self.config.linear_names() if n not in keep]
-            quantize_linears(model, self.manifest.precision, names, out_dtype=self.dtype)
         return model
 
     def _make_lane(self, index: int) -> _Lane:
@@ -173,9 +237,13 @@ class TorchEngine:
         if not self.cuda:
             return lane
         slab = 3 * self.plan.max_tokens
-        lane.stream = torch.cuda.Stream(self._device)
+        # The highest priority: the GPU runs serving kernels ahead of a loading engine's
+        # (engines.load_copy), and graphs replay at the priority of the stream they run on.
+        _lowest, highest = stream_priorities()
+        lane.stream = torch.cuda.Stream(self._device, priority=highest)
         lane.host_in = torch.empty(slab, dtype=torch.int64, pin_memory=True)
-        lane.dev_in = torch.zeros(slab, dtype=torch.int64, device=self._device)
+        with torch.cuda.stream(lane.stream):  # allocated and zeroed in the lane's own order
+            lane.dev_in = torch.zeros(slab, dtype=torch.int64, device=self._device)
         lane.host_out = torch.empty((self.plan.max_batch, self.config.output_dim),
                                     dtype=torch.float32, pin_memory=True)
         lane.done = torch.cuda.Event()
@@ -191,7 +259,11 @@ class TorchEngine:
         Largest first, so smaller captures reuse the pool's blocks. The lane's graphs never
         replay concurrently (one thread per lane, each call synchronised), which is what makes
         sharing a pool safe. Thread-local capture mode lets another engine keep serving on
-        other threads while this one loads (a hot swap).
+        other threads while this one loads (a hot swap). `capture_begin`/`capture_end` rather
+        than `torch.cuda.graph`, whose every capture synchronises the whole device and empties
+        the allocator's caches (cudaFree, itself a device-wide synchronisation), one per bucket
+        and lane beside a serving engine; this lane's stream is all that must be idle, and the
+        warm-up leaves it so.
         """
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(lane.stream):
@@ -203,9 +275,11 @@ class TorchEngine:
                     self.model(static[0], static[1], static[2])
                 lane.stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=lane.stream,
-                                      capture_error_mode="thread_local"):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
                     out = self.model(static[0], static[1], static[2])
+                finally:
+                    graph.capture_end()
                 lane.graphs[bucket] = (graph, out)
         lane.stream.synchronize()
 
@@ -299,4 +373,6 @@ class TorchEngine:
         return {"device": self.device, "lanes": self.lanes, "graphs": self.graphs,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "precision": self.manifest.precision, "buckets": len(self.plan.buckets()),
-                "memory_estimate_mib": round(self.memory_bytes / 2**20, 1)}
+                "memory_estimate_mib": round(self.memory_bytes / 2**20, 1),
+                "load_phases_s": {k: round(v, 3) for k, v in self.load_phases.items()},
+                **({"load_copy": dict(self.load_copy)} if self.load_copy else {})}

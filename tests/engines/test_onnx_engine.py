@@ -136,6 +136,21 @@ def test_damaged_artifacts_fail_clearly(default_engine_path: Path, tmp_path: Pat
         load_engine(art)
 
 
+def test_load_phases_are_timed(default_engine_path: Path, tmp_path: Path) -> None:
+    from engines.onnx_runtime import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(default_engine_path, threads=1)
+    assert list(engine.load_phases) == ["verify", "read", "session"]
+    assert all(v >= 0 for v in engine.load_phases.values())
+    assert list(OnnxRuntimeEngine(default_engine_path, threads=1, verify=False).load_phases) == [
+        "read", "session"]
+    # Unverified, a missing model file is still an artifact error that names the file.
+    art = _copy(default_engine_path, tmp_path)
+    (art / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"cannot read model\.onnx"):
+        OnnxRuntimeEngine(art, verify=False)
+
+
 def test_corrupt_cached_engine_is_rebuilt(default_engine_path: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     cached = root / default_engine_path.parent.name / default_engine_path.name
