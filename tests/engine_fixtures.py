@@ -67,3 +67,61 @@ def torch_artifacts(engine_root: Path) -> dict[str, Path]:
     source = resolve_model("default")
     return {p: ensure_engine(source, engine_root, precision=p, backend="torch", promote=False)
             for p in ("fp16", "int8", "fp8")}
+
+
+# -- registry versions for follow/reload tests (plain helpers, not fixtures) -------------------
+def copy_version(src: Path, root: Path, name: str, **manifest_changes: object) -> Path:
+    """A copy of artifact `src` as version `name` of its model in registry `root` (not
+    promoted), its manifest changed by `manifest_changes` (e.g. head=..., max_length=...)."""
+    from dataclasses import replace
+
+    from engines.manifest import read_manifest, write_manifest
+    from engines.registry import model_dir
+
+    manifest = read_manifest(src)
+    target = model_dir(root, manifest.model_id) / name
+    shutil.copytree(src, target)
+    write_manifest(target, replace(manifest, version=name, **manifest_changes))  # type: ignore[arg-type]
+    return target
+
+
+def permuted_vocabulary(tokenizer_json: bytes) -> bytes:
+    """The same tokenizer with another vocabulary: every token but the special ones (whose ids
+    the post-processor names) takes the id of its mirror among them, so the text of a sequence
+    is the same and its ids differ, and every id stays below the vocabulary's size (an engine
+    built for the original still runs them)."""
+    import orjson
+
+    data = orjson.loads(tokenizer_json)
+    vocab: dict[str, int] = data["model"]["vocab"]
+    fixed = {token["id"] for token in data["added_tokens"]}
+    movable = sorted(i for i in vocab.values() if i not in fixed)
+    mirror = dict(zip(movable, reversed(movable), strict=True))
+    data["model"]["vocab"] = dict(sorted(((t, mirror.get(i, i)) for t, i in vocab.items()),
+                                         key=lambda pair: pair[1]))
+    return orjson.dumps(data)
+
+
+def retokenized_version(src: Path, root: Path, name: str, **manifest_changes: object) -> Path:
+    """A copy of artifact `src` as version `name` in registry `root` whose tokenizer has another
+    vocabulary (`permuted_vocabulary`; vocab.txt to match): another tokenizer_id, the same head
+    and model files. Checksums, tokenizer_id and golden set stay consistent, so it verifies,
+    promotes and loads; its scores are of course meaningless."""
+    from dataclasses import replace
+
+    from engines.manifest import hash_files, list_files, read_manifest, write_manifest
+    from engines.tokenizer import artifact_tokenizer_json, tokenizer_id_of
+
+    target = copy_version(src, root, name, **manifest_changes)
+    tokenizer_json = artifact_tokenizer_json(target)
+    tokenizer_json.write_bytes(permuted_vocabulary(tokenizer_json.read_bytes()))
+    vocab_txt = tokenizer_json.parent / "vocab.txt"
+    if vocab_txt.is_file():
+        import orjson
+
+        vocab = orjson.loads(tokenizer_json.read_bytes())["model"]["vocab"]
+        vocab_txt.write_text("".join(f"{t}\n" for t in sorted(vocab, key=vocab.__getitem__)))
+    manifest = read_manifest(target)
+    write_manifest(target, replace(manifest, tokenizer_id=tokenizer_id_of(tokenizer_json),
+                                   files=hash_files(target, list_files(target))))
+    return target

@@ -20,15 +20,22 @@ The processes are a tokenizer_svc.procpool.ProcessPool: spawned, on socket pairs
 loop reads (a ProcessPoolExecutor call cost ~90 us of the service's CPU; a socket round trip
 ~20 us), calls that queue up sent to a free process together, a process that dies replaced and
 its calls retried once, a message that kills a process twice failed as poison.
+
+`ServingPools` says which pool records are tokenized by while the service follows promotions:
+a record keeps the version (and pool) it started with; a switch serves another from the next
+record on, and a pool it replaced is closed once the last record that started on it is done.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +43,7 @@ from typing import Any, TypeVar
 import numpy as np
 import structlog
 
+from engines.manifest import Manifest
 from engines.tokenizer import QueryTokenizer
 from plumbing.procs import die_with_parent
 from schemas import (
@@ -241,6 +249,7 @@ class TokenizerPool:
     def __init__(self, spec: TokenizerSpec, processes: int = 2) -> None:
         self.spec = spec
         self.processes = processes
+        self.tokenizer_id: str | None = None  # as the processes loaded it (once started)
         self._pool = ProcessPool(_init_process, spec, processes, name="tokenizer")
 
     @property
@@ -259,8 +268,10 @@ class TokenizerPool:
             ready = await self._pool.start()
         except RuntimeError as exc:
             raise RuntimeError(f"{exc} (tokenizer {self.spec.tokenizer_json})") from None
+        self.tokenizer_id = ready[0][1]
         log.info("tokenizer_pool.ready", processes=self.processes,
-                 tokenizer_id=ready[0][1], pids=sorted(pid for pid, _ in ready))
+                 tokenizer_id=self.tokenizer_id, max_length=self.spec.max_length,
+                 version=self.spec.model_version, pids=sorted(pid for pid, _ in ready))
 
     async def close(self) -> None:
         await self._pool.close()
@@ -282,3 +293,88 @@ class TokenizerPool:
 
     async def _call(self, size: int, fn: Callable[..., T], *args: Any) -> T:
         return await self._pool.call(size, fn, *args)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingVersion:
+    """What a record is handled with, start to end: the version's manifest (its keys, look-ups
+    and cached scores), its artifact, and the pool tokenizing with its tokenizer."""
+
+    manifest: Manifest
+    artifact: Path
+    pool: TokenizerPool
+
+
+class ServingPools:
+    """The serving version and the pools it replaced that still finish records: `use()` gives a
+    record the serving version for its whole life; `switch(new)` serves `new` from the next
+    record on; a replaced pool is closed once no record that started on it is in flight."""
+
+    def __init__(self, first: ServingVersion) -> None:
+        self.serving = first
+        self._records: Counter[TokenizerPool] = Counter()  # records in flight per pool
+        self._retired: dict[TokenizerPool, asyncio.Event] = {}  # replaced, set once closed
+        self._closing: dict[TokenizerPool, asyncio.Task[None]] = {}
+        self._past_restarts = 0  # process restarts of pools closed since
+
+    @property
+    def retiring(self) -> int:
+        """Replaced pools not closed yet."""
+        return len(self._retired)
+
+    @property
+    def restarts(self) -> int:
+        """Process restarts of every pool this service ran (a counter: it never goes back)."""
+        return self._past_restarts + sum(p.restarts for p in self._live())
+
+    def records(self, pool: TokenizerPool) -> int:
+        return self._records[pool]
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[ServingVersion]:
+        """The serving version, held by one record until it is done."""
+        serving = self.serving
+        self._records[serving.pool] += 1
+        try:
+            yield serving
+        finally:
+            self._records[serving.pool] -= 1
+            self._maybe_close(serving.pool)
+
+    def switch(self, new: ServingVersion) -> None:
+        """Serve `new` (its pool started, or the serving pool) from the next record on."""
+        old, self.serving = self.serving, new
+        if new.pool is not old.pool:
+            self._retired[old.pool] = asyncio.Event()
+            self._maybe_close(old.pool)
+
+    async def retired(self) -> None:
+        """Wait until every replaced pool is closed."""
+        for done in list(self._retired.values()):
+            await done.wait()
+
+    async def close(self) -> None:
+        """Close every pool, replaced ones whose records never finished included."""
+        await asyncio.gather(*(p.close() for p in self._live()))
+        if self._closing:
+            await asyncio.wait(self._closing.values())
+
+    def _live(self) -> set[TokenizerPool]:
+        return {self.serving.pool, *self._retired}
+
+    def _maybe_close(self, pool: TokenizerPool) -> None:
+        if pool not in self._retired or self._records[pool] or pool in self._closing:
+            return
+        del self._records[pool]
+
+        async def close() -> None:
+            try:
+                await pool.close()
+            finally:
+                self._past_restarts += pool.restarts
+                del self._closing[pool]
+                self._retired.pop(pool).set()
+
+        self._closing[pool] = asyncio.ensure_future(close())
+        log.info("tokenizer_pool.retired", version=pool.spec.model_version,
+                 tokenizer_id=pool.tokenizer_id)

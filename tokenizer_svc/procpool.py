@@ -23,6 +23,7 @@ pool with these failure rules, so this is written here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import pickle
 import socket
@@ -46,23 +47,25 @@ _MAX_GROUP_BYTES = 32 << 10  # ... and the payload they carry (the first call go
 
 # -- in the pool's processes -------------------------------------------------------------------
 def _serve(sock: socket.socket, init: Callable[[Any], Any], arg: Any) -> None:
-    """A pool process: run `init(arg)`, say so, then answer calls until EOF."""
+    """A pool process: run `init(arg)`, say so, then answer calls until EOF (or until the
+    parent closes the pool while this process still works: it then ends quietly)."""
     try:
         reply: tuple[bool, Any] = (True, init(arg))
     except Exception as exc:  # reported to the parent, which refuses to start
         reply = (False, RuntimeError(f"{type(exc).__name__}: {exc}"))
-    sock.sendall(_frame(reply))
-    if not reply[0]:
-        return
-    stream = sock.makefile("rb")
-    while head := stream.read(_FRAME.size):
-        replies = []
-        for fn, args in pickle.loads(stream.read(_FRAME.unpack(head)[0])):
-            try:
-                replies.append(_frame((True, fn(*args))))
-            except Exception as exc:
-                replies.append(_frame((False, exc)))
-        sock.sendall(b"".join(replies))  # one send, one wake-up of the parent, per message
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(_frame(reply))
+        if not reply[0]:
+            return
+        stream = sock.makefile("rb")
+        while head := stream.read(_FRAME.size):
+            replies = []
+            for fn, args in pickle.loads(stream.read(_FRAME.unpack(head)[0])):
+                try:
+                    replies.append(_frame((True, fn(*args))))
+                except Exception as exc:
+                    replies.append(_frame((False, exc)))
+            sock.sendall(b"".join(replies))  # one send, one wake-up of the parent, per message
 
 
 def _frame(reply: tuple[bool, Any]) -> bytes:
@@ -105,7 +108,12 @@ class _Slot:
         finally:
             theirs.close()
         self.process = process
-        self.reader, self.writer = await asyncio.open_connection(sock=ours, limit=_READ_LIMIT)
+        try:
+            self.reader, self.writer = await asyncio.open_connection(sock=ours,
+                                                                     limit=_READ_LIMIT)
+        except BaseException:  # e.g. cancelled: the socket must not outlive the call
+            ours.close()
+            raise
         try:
             ok, value = await self.receive()
         except _ProcessDied:
@@ -170,8 +178,12 @@ class ProcessPool:
         """Spawn the processes and wait until each is set up: their `init` values. A failing
         `init` (a broken tokenizer file) fails here, at start-up, not on the first call."""
         self._slots = [_Slot() for _ in range(self.processes)]
-        spawned = await asyncio.gather(*(s.spawn(self.init, self.arg, self.name)
-                                         for s in self._slots), return_exceptions=True)
+        try:
+            spawned = await asyncio.gather(*(s.spawn(self.init, self.arg, self.name)
+                                             for s in self._slots), return_exceptions=True)
+        except BaseException:  # cancelled while starting: no process is left behind
+            await asyncio.shield(self.close())
+            raise
         failed = [r for r in spawned if isinstance(r, BaseException)]
         if failed:
             await self.close()

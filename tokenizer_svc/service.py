@@ -18,6 +18,16 @@ topic (as priority "offline"), so that re-scoring backlogs never queue in front 
 offline tokenizing is also limited to `processes` calls at a time, so online records always
 find a free tokenizer process soon. (When prepare also tokenizes, the limit applies to records
 of the offline topic only: a record's priority is known once it is decoded.)
+
+Following promotions (`follow`): the service switches the version its keys, look-ups and
+cached scores are for at the promotion, as the workers start reloading onto it. A version with
+the same tokenizer and max length is switched to in place. One with another tokenizer or max
+length gets a pool of its own, started beside the serving one (which keeps tokenizing); then
+the switch is one assignment: each record takes a snapshot of the serving version (manifest,
+artifact, pool) when it starts and keeps it to the end, so records from the switch on use the
+new pool, those in flight finish on the old, and the old pool is closed once the last of them
+is done. A version with another head (pairs vs separate texts), a tokenizer that does not match
+its manifest, or one that does not load, is refused: the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -51,7 +61,14 @@ from schemas import (
     Timings,
     encode_scores_to_fit,
 )
-from tokenizer_svc.pool import Prepared, Tokenized, TokenizerPool, TokenizerSpec
+from tokenizer_svc.pool import (
+    Prepared,
+    ServingPools,
+    ServingVersion,
+    Tokenized,
+    TokenizerPool,
+    TokenizerSpec,
+)
 from tokenizer_svc.units import cached_score
 
 log = structlog.get_logger(__name__)
@@ -102,6 +119,20 @@ class TokenizerStats:
     tokenize_seconds: float = 0.0  # in tokenizer processes: tokenize + pack (per-stage time)
 
 
+@dataclass(slots=True)
+class FollowStats:
+    """The "follow" metrics group (the text fields are for `metrics()` readers and logs; the
+    Prometheus collector exports the numbers)."""
+
+    follows: int = 0  # promotions switched to
+    new_pools: int = 0  # ... of which with another tokenizer or max length: a new pool
+    follows_refused: int = 0  # promotions refused (the old version kept serving)
+    last_refusal: str = ""  # "<version>: <why>"
+    serving_version: str = ""
+    tokenizer_id: str = ""
+    retiring_pools: int = 0  # replaced pools still finishing their records
+
+
 class TokenizerService:
     """Runs the tokenizer stage: `start()`, `run()` (or burst: `run(idle_exit_s=...)`),
     `request_stop()` to drain, `stop()`; also `async with`."""
@@ -109,14 +140,15 @@ class TokenizerService:
     def __init__(self, settings: TokenizerServiceSettings, *, name: str = "tokenizer") -> None:
         self.settings = settings
         self.name = name
-        self.manifest: Manifest = read_manifest(settings.artifact)
-        self._check_tokenizer()
-        self.pool = TokenizerPool(TokenizerSpec(
-            tokenizer_json=self._tokenizer_json, max_length=self.manifest.max_length,
-            pairs=self.manifest.head == "classifier", model_version=self.manifest.version,
-            limits=settings.limits, embedding_format=settings.embedding_format),
-            settings.processes)
-        self.cache = ResultCache(settings.cache, self.manifest.version)
+        manifest = read_manifest(settings.artifact)
+        try:
+            tokenizer_json = check_artifact_tokenizer(settings.artifact, manifest)
+        except ArtifactError as exc:
+            raise TokenizerServiceError(str(exc)) from None
+        # Where new records go; switched by a followed promotion (see the module docstring).
+        self.pools = ServingPools(ServingVersion(manifest, settings.artifact,
+                                                 self._new_pool(tokenizer_json, manifest)))
+        self.cache = ResultCache(settings.cache, manifest.version)
         t = settings.topics
         self.pipeline = RecordPipeline(
             settings.kafka, [t.queries, t.queries_offline],
@@ -133,16 +165,29 @@ class TokenizerService:
         self.follow_poll_s = 5.0
         self._follow_task: asyncio.Task[None] | None = None
         self._refused_version: str | None = None
+        self._following = asyncio.Lock()  # one follow at a time: one new pool at a time
+        self._follow_stats = FollowStats()
 
     @property
-    def _tokenizer_json(self) -> Path:
-        return self.settings.artifact / "tokenizer" / "tokenizer.json"
+    def serving(self) -> ServingVersion:
+        return self.pools.serving
 
-    def _check_tokenizer(self) -> None:
-        try:
-            check_artifact_tokenizer(self.settings.artifact, self.manifest)
-        except ArtifactError as exc:
-            raise TokenizerServiceError(str(exc)) from None
+    @property
+    def manifest(self) -> Manifest:
+        """The serving version's manifest: what records that start now are handled for."""
+        return self.serving.manifest
+
+    @property
+    def pool(self) -> TokenizerPool:
+        """The serving version's pool: where records that start now are tokenized."""
+        return self.serving.pool
+
+    def _new_pool(self, tokenizer_json: Path, manifest: Manifest) -> TokenizerPool:
+        s = self.settings
+        return TokenizerPool(TokenizerSpec(
+            tokenizer_json=tokenizer_json, max_length=manifest.max_length,
+            pairs=manifest.head == "classifier", model_version=manifest.version,
+            limits=s.limits, embedding_format=s.embedding_format), s.processes)
 
     def metrics(self) -> dict[str, Callable[[], object]]:
         """Sources of the service's Prometheus metrics (plumbing.metrics.serve_metrics)."""
@@ -150,9 +195,17 @@ class TokenizerService:
             "tokenizer": lambda: self.stats,
             "pipeline": lambda: self.pipeline.stats,
             "cache": lambda: self.cache.stats,
-            "pool": lambda: {"restarts": self.pool.restarts,
+            "pool": lambda: {"restarts": self.pools.restarts,
                              "in_flight": self.pipeline.tracker.in_flight()},
+            "follow": lambda: self.follow_stats,
         }
+
+    @property
+    def follow_stats(self) -> FollowStats:
+        f = self._follow_stats
+        f.serving_version, f.tokenizer_id = self.manifest.version, self.manifest.tokenizer_id
+        f.retiring_pools = self.pools.retiring
+        return f
 
     @property
     def stats(self) -> TokenizerStats:
@@ -174,7 +227,8 @@ class TokenizerService:
                                                     name=f"{self.name}-follow")
         m = self.manifest
         log.info("tokenizer.started", model_id=m.model_id, version=m.version, head=m.head,
-                 max_length=m.max_length, processes=self.settings.processes,
+                 max_length=m.max_length, tokenizer_id=m.tokenizer_id,
+                 processes=self.settings.processes,
                  topics=list(self.pipeline.topics), group_id=self.settings.group_id)
 
     def request_stop(self) -> None:
@@ -195,8 +249,9 @@ class TokenizerService:
             await self.pipeline.stop()
         finally:
             await self.cache.close()
-            await self.pool.close()
-        log.info("tokenizer.stopped", **_public(self.stats))
+            await self.pools.close()
+        log.info("tokenizer.stopped", version=self.manifest.version,
+                 follows=self._follow_stats.follows, **_public(self.stats))
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -205,35 +260,87 @@ class TokenizerService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def retired(self) -> None:
+        """Wait until every pool a switch replaced is closed (its last record done)."""
+        await self.pools.retired()
+
+    # -- following promotions --------------------------------------------------------------
     async def _follow_loop(self) -> None:
         while True:
-            with contextlib.suppress(Exception):  # a registry hiccup: try again next poll
+            try:
                 await self.follow_once()
+            except Exception as exc:  # a registry hiccup: try again next poll
+                log.warning("tokenizer.follow_error", error=f"{type(exc).__name__}: {exc}",
+                            hint=f"tried again in {self.follow_poll_s} s")
             await asyncio.sleep(self.follow_poll_s)
 
     async def follow_once(self) -> bool:
-        """Switch to the promoted version if it is another one this service can serve (same
-        tokenizer, head and max length); True when it switched."""
+        """Switch to the promoted version if it is another one this service can serve; True
+        when it switched. Another tokenizer or max length: a new pool is started first, beside
+        the serving one. Another head, a tokenizer that does not match its manifest or does not
+        load: refused (the old version keeps serving, and this version is not tried again
+        until another is promoted)."""
         assert self.follow is not None
-        path = await asyncio.to_thread(self.follow)
-        if path is None or path.name in (self.manifest.version, self._refused_version):
+        async with self._following:
+            return await self._follow(self.follow)
+
+    async def _follow(self, current: Callable[[], Path | None]) -> bool:
+        path = await asyncio.to_thread(current)
+        old = self.serving
+        if path is None or path.name in (old.manifest.version, self._refused_version):
             return False
-        new = await asyncio.to_thread(read_manifest, path)
-        clash = swap_blockers(self.manifest, new)
-        if clash:
-            self._refused_version = path.name
-            log.error("tokenizer.follow_refused", serving=self.manifest.version,
-                      promoted=new.version, differs=clash,
-                      hint="restart the tokenizer (and workers) onto this version")
-            return False
-        log.info("tokenizer.follow", old=self.manifest.version, new=new.version)
-        self.manifest = new
+        try:
+            new = await asyncio.to_thread(read_manifest, path)
+            tokenizer_json = await asyncio.to_thread(check_artifact_tokenizer, path, new)
+        except ArtifactError as exc:
+            return self._refuse(path.name, str(exc), "rebuild or re-copy the artifact")
+        if new.head != old.manifest.head:
+            return self._refuse(path.name, f"its head is {new.head}, the serving version's "
+                                f"{old.manifest.head}: its TokenBatches differ in kind",
+                                "restart the tokenizer (and workers) onto this version")
+        pool = old.pool
+        if swap_blockers(old.manifest, new):  # another tokenizer or max length
+            pool = self._new_pool(tokenizer_json, new)
+            log.info("tokenizer.follow_starting_pool", serving=old.manifest.version,
+                     promoted=new.version, tokenizer_id=new.tokenizer_id,
+                     max_length=new.max_length)
+            try:
+                await pool.start()  # cancelled (stop): it closes its processes itself
+            except Exception as exc:
+                return self._refuse(path.name, f"its tokenizer does not load: {exc}",
+                                    "rebuild the artifact")
+        self._switch(ServingVersion(new, path, pool))
         return True
+
+    def _refuse(self, version: str, reason: str, hint: str) -> bool:
+        self._refused_version = version
+        f = self._follow_stats
+        f.follows_refused += 1
+        f.last_refusal = f"{version}: {reason}"
+        log.error("tokenizer.follow_refused", serving=self.manifest.version, promoted=version,
+                  reason=reason, hint=hint)
+        return False
+
+    def _switch(self, new: ServingVersion) -> None:
+        old = self.serving
+        self._refused_version = None
+        self._follow_stats.follows += 1
+        replaced = new.pool is not old.pool
+        self._follow_stats.new_pools += replaced
+        log.info("tokenizer.follow", old=old.manifest.version, new=new.manifest.version,
+                 new_pool=replaced, tokenizer_id=new.manifest.tokenizer_id,
+                 max_length=new.manifest.max_length,
+                 old_records_in_flight=self.pools.records(old.pool))
+        self.pools.switch(new)
 
     # -- per record ------------------------------------------------------------------------
     async def _handle(self, record: ConsumerRecord) -> None:
+        with self.pools.use() as serving:  # one version for the whole record
+            await self._handle_with(record, serving)
+
+    async def _handle_with(self, record: ConsumerRecord, serving: ServingVersion) -> None:
         started = time.perf_counter()
-        m = self.manifest  # the version this record's keys and cached scores are for
+        m, pool = serving.manifest, serving.pool
         data = record.value or b""
         offline_topic = record.topic == self.settings.topics.queries_offline
         # Without Redis the cache cannot hit (its in-process LRU is filled only by what Redis
@@ -243,8 +350,8 @@ class TokenizerService:
         limit = self._offline_calls if upto and offline_topic else contextlib.nullcontext()
         try:
             async with limit:
-                prepared = await self.pool.prepare(data, offline_topic=offline_topic,
-                                                   tokenize_upto=upto, model_version=m.version)
+                prepared = await pool.prepare(data, offline_topic=offline_topic,
+                                              tokenize_upto=upto, model_version=m.version)
         except SchemaError as exc:
             await self.pipeline.dead_letter(record, exc, "ingest")
             return
@@ -274,7 +381,7 @@ class TokenizerService:
             if hits:  # first, and not waiting for the misses: the point of the cache is latency
                 sends += await self._publish_cached(prepared, hits, started, key, m)
             if n_misses:
-                sends += await self._publish_tokens(data, prepared, misses, offline,
+                sends += await self._publish_tokens(pool, data, prepared, misses, offline,
                                                     offline_topic, key)
             await asyncio.gather(*sends)
         except BaseException:
@@ -302,8 +409,8 @@ class TokenizerService:
             self._stats.score_batches += 1
         return sends
 
-    async def _publish_tokens(self, data: bytes, prepared: Prepared, misses: np.ndarray | None,
-                              offline: bool, offline_topic: bool,
+    async def _publish_tokens(self, pool: TokenizerPool, data: bytes, prepared: Prepared,
+                              misses: np.ndarray | None, offline: bool, offline_topic: bool,
                               key: bytes) -> list[asyncio.Future[object]]:
         if prepared.tokenized is not None:
             results: Sequence[Tokenized] = (prepared.tokenized,)
@@ -314,7 +421,8 @@ class TokenizerService:
                 (np.arange(n) if misses is None else misses)[i:i + chunk]
                 for i in range(0, n, chunk)]
             results = await asyncio.gather(*(
-                self._tokenize(data, prepared, part, offline, offline_topic) for part in parts))
+                self._tokenize(pool, data, prepared, part, offline, offline_topic)
+                for part in parts))
         topics = self.settings.topics
         topic = topics.tokens_offline if offline else topics.tokens
         sends = []
@@ -327,12 +435,12 @@ class TokenizerService:
                 self._stats.token_batches += 1
         return sends
 
-    async def _tokenize(self, data: bytes, prepared: Prepared, items: np.ndarray | None,
-                        offline: bool, offline_topic: bool) -> Tokenized:
+    async def _tokenize(self, pool: TokenizerPool, data: bytes, prepared: Prepared,
+                        items: np.ndarray | None, offline: bool,
+                        offline_topic: bool) -> Tokenized:
         limit = self._offline_calls if offline else contextlib.nullcontext()
         async with limit:
-            return await self.pool.tokenize(data, prepared.keys, items,
-                                            offline_topic=offline_topic)
+            return await pool.tokenize(data, prepared.keys, items, offline_topic=offline_topic)
 
 
 def _split_hits(prepared: Prepared, values: list[bytes | None],

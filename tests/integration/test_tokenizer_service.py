@@ -4,6 +4,7 @@ run until idle, then read what it produced (and what it committed)."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import sys
@@ -19,9 +20,12 @@ import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from tokenizers import Tokenizer
 
 from engines.manifest import Manifest, read_manifest
+from engines.registry import EngineRegistry
 from engines.select import artifact_tokenizer
+from engines.tokenizer import artifact_tokenizer_json
 from plumbing.cache import CacheSettings, ResultCache, encode_floats, key_digest
 from plumbing.kafka import KafkaSettings, Topics, make_consumer, make_producer
 from schemas import (
@@ -34,6 +38,9 @@ from schemas import (
     decode_token_batch,
     encode_query_batch,
 )
+from tests.engine_fixtures import copy_version, retokenized_version
+from tests.tokenizer_svc.gated import gated
+from tokenizer_svc.pool import TokenizerPool
 from tokenizer_svc.service import TokenizerService, TokenizerServiceSettings
 from tokenizer_svc.units import item_keys, sequence_keys
 
@@ -317,3 +324,219 @@ async def test_command_serves_until_sigterm_then_drains_and_commits(
         assert await consumer.committed(TopicPartition(topics.queries, 0)) == 1
     finally:
         await consumer.stop()
+
+
+# -- following promotions (issue 12) -----------------------------------------------------------
+async def _until(done: Callable[[], object], what: str) -> None:
+    """Poll `done()` until it is true (TIMEOUT)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _follow_registry(default_engine_path: Path, root: Path) -> tuple[EngineRegistry, str]:
+    """A registry at `root` with v1, a copy of the default engine, promoted; and the model."""
+    copy_version(default_engine_path, root, "v1")
+    registry = EngineRegistry(root)
+    model = read_manifest(default_engine_path).model_id
+    registry.promote(model, "v1", smoke=False)
+    return registry, model
+
+
+def _following(kafka: KafkaSettings, topics: Topics, registry: EngineRegistry, model: str,
+               **kw: object) -> TokenizerService:
+    service = TokenizerService(_settings(kafka, topics, registry.get(model), **kw))
+    service.follow = lambda: registry.get(model)
+    service.follow_poll_s = 0.05
+    return service
+
+
+def _flow_batch(batch_id: str) -> QueryBatch:
+    return QueryBatch(batch_id, (QueryItem("fresh", f"cheap flights for trip {batch_id}",
+                                           ("book early",)),
+                                 QueryItem("cached", "red shoes")), submitted_at=time.time())
+
+
+async def test_a_promotion_with_another_tokenizer_is_followed_while_batches_flow(
+        kafka: KafkaSettings, topics: Topics, default_engine_path: Path, tmp_path: Path,
+        redis_url: str, topic_name: str) -> None:
+    registry, model = _follow_registry(default_engine_path, tmp_path / "registry")
+    v2 = retokenized_version(default_engine_path, registry.root, "v2")
+    manifests = {v: read_manifest(registry.get(model, v)) for v in ("v1", "v2")}
+    decoders = {v: Tokenizer.from_file(str(artifact_tokenizer_json(registry.get(model, v))))
+                for v in manifests}
+    # "red shoes" is cached under each version, with an embedding of its own: a cached score
+    # says which version the record's look-up was for.
+    cache = CacheSettings(redis_url=redis_url, key_prefix=topic_name)
+    dim = manifests["v1"].output_dim
+    embeddings = {"v1": np.full(dim, 0.25, np.float32), "v2": np.full(dim, -0.5, np.float32)}
+    async with ResultCache(cache, "v1") as writer:
+        for v, e in embeddings.items():
+            await writer.put_many([(key_digest(v, "red shoes", None), encode_floats(e))],
+                                  version=v)
+    service = _following(kafka, topics, registry, model, cache=cache)
+    in_flight_at_switch: list[int] = []
+    switch = service.pools.switch
+
+    def observed(new):  # type: ignore[no-untyped-def]
+        in_flight_at_switch.append(service.pools.records(service.pool))
+        switch(new)
+
+    service.pools.switch = observed  # type: ignore[method-assign]
+    producer = make_producer(kafka)
+    await service.start()
+    await producer.start()
+    old_pool = service.pool
+    try:
+        run = asyncio.create_task(service.run())
+
+        async def publish(batches: list[QueryBatch]) -> None:
+            for b in batches:
+                await asyncio.wait_for(producer.send_and_wait(
+                    topics.queries, encode_query_batch(b), key=b.batch_id.encode()), TIMEOUT)
+
+        before = [_flow_batch(f"a{i}") for i in range(8)]
+        await publish(before)
+        await _until(lambda: service.stats.batches == len(before), "the first batches")
+        registry.promote(model, "v2", smoke=False)
+        # A stream of batches while the new pool starts beside the serving one and the
+        # service switches: they are handled on one version or the other, never lost.
+        stream: list[QueryBatch] = []
+        while service.follow_stats.follows == 0:
+            assert len(stream) < 5000, "the switch never came"
+            stream.append(_flow_batch(f"b{len(stream):04d}"))
+            await publish(stream[-1:])
+        after = [_flow_batch(f"c{i}") for i in range(8)]
+        await publish(after)
+        everything = before + stream + after
+        await _until(lambda: service.stats.batches == len(everything), "every batch")
+        await asyncio.wait_for(service.retired(), TIMEOUT)  # the old pool, once drained
+        assert old_pool.pids == [] and len(service.pool.pids) == 1
+        service.request_stop()
+        await asyncio.wait_for(run, TIMEOUT)
+        follow = service.metrics()["follow"]()
+        assert (follow.follows, follow.new_pools, follow.follows_refused) == (1, 1, 0)  # type: ignore[attr-defined]
+        assert (follow.serving_version, follow.tokenizer_id) == (  # type: ignore[attr-defined]
+            "v2", manifests["v2"].tokenizer_id)
+        assert service.serving.artifact == v2 and len(in_flight_at_switch) == 1
+    finally:
+        await producer.stop()
+        await service.stop()
+    assert service.stats.dead_letters == 0
+
+    tokens = {r.key.decode(): decode_token_batch(r.value)
+              for r in await _read(kafka, topics.tokens, len(everything))}
+    scores = {r.key.decode(): decode_score_batch(r.value)
+              for r in await _read(kafka, topics.scores, len(everything))}
+    assert sorted(tokens) == sorted(scores) == sorted(b.batch_id for b in everything)
+    version_of: dict[str, str] = {}
+    for b in everything:
+        tb, (cached,) = tokens[b.batch_id], scores[b.batch_id].items
+        query = b.items[0].query
+        (v,) = [v for v in manifests
+                if bytes(tb.cache_keys[0]) == key_digest(v, query, None)]  # type: ignore[index]
+        version_of[b.batch_id] = v
+        # One version per record: its tokenizer, its keys and its cache look-up.
+        assert tb.tokenizer_id == manifests[v].tokenizer_id, b.batch_id
+        assert decoders[v].decode(tb.sequence(0).tolist()) == query
+        assert tb.item_ids == ("fresh",) and cached.id == "cached"
+        assert cached.model_version == v
+        assert cached.embedding == pytest.approx(embeddings[v].tolist())
+    assert {version_of[b.batch_id] for b in before} == {"v1"}
+    assert {version_of[b.batch_id] for b in after} == {"v2"}
+    # The switch is one point in the stream: every record handled after it is on v2.
+    flow = [version_of[b.batch_id] for b in stream]
+    assert flow == sorted(flow) and flow[-1] == "v2"
+    assert decoders["v1"].decode(tokens["c0"].sequence(0).tolist()) != after[0].items[0].query
+
+
+async def test_refused_promotions_leave_the_old_version_serving(
+        kafka: KafkaSettings, topics: Topics, default_engine_path: Path, tmp_path: Path,
+        manifest: Manifest) -> None:
+    registry, model = _follow_registry(default_engine_path, tmp_path / "registry")
+    retokenized_version(default_engine_path, registry.root, "v2-classifier", head="classifier")
+    corrupt = retokenized_version(default_engine_path, registry.root, "v3-corrupt")
+    service = _following(kafka, topics, registry, model, cache=CacheSettings())
+    producer = make_producer(kafka)
+    await service.start()
+    await producer.start()
+    served: list[QueryBatch] = []
+    try:
+        run = asyncio.create_task(service.run())
+
+        async def serve_one(batch_id: str) -> None:
+            batch = QueryBatch(batch_id, ITEMS, submitted_at=time.time())
+            await producer.send_and_wait(topics.queries, encode_query_batch(batch))
+            served.append(batch)
+            await _until(lambda: service.stats.batches == len(served), batch_id)
+
+        await serve_one("before")
+        registry.promote(model, "v2-classifier", smoke=False)  # another head: a restart
+        await _until(lambda: service.follow_stats.follows_refused == 1, "the head refusal")
+        assert "its head is classifier" in service.follow_stats.last_refusal
+        await serve_one("after-head")
+        registry.promote(model, "v3-corrupt", smoke=False)
+        artifact_tokenizer_json(corrupt).write_bytes(b"{rotted")  # after its promotion
+        await _until(lambda: service.follow_stats.follows_refused == 2, "the corrupt refusal")
+        assert "v3-corrupt: " in service.follow_stats.last_refusal
+        assert "differs from the one the engine was built with" in (
+            service.follow_stats.last_refusal)
+        await serve_one("after-corrupt")
+        service.request_stop()
+        await asyncio.wait_for(run, TIMEOUT)
+        assert service.manifest.version == "v1" and service.follow_stats.follows == 0
+    finally:
+        await producer.stop()
+        await service.stop()
+    tokens = [decode_token_batch(r.value) for r in await _read(kafka, topics.tokens, 3)]
+    v1 = registry.get(model, "v1")
+    for batch, tb in zip(served, tokens, strict=True):
+        assert tb == _expected(v1, read_manifest(v1), batch, ITEMS)  # keys for v1 too
+        assert tb.tokenizer_id == manifest.tokenizer_id
+
+
+async def test_stop_while_a_new_tokenizer_pool_starts_leaves_no_process(
+        kafka: KafkaSettings, topics: Topics, default_engine_path: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    registry, model = _follow_registry(default_engine_path, tmp_path / "registry")
+    retokenized_version(default_engine_path, registry.root, "v2")
+    gate = tmp_path / "gate"
+    starting: list[TokenizerPool] = []
+    new_pool = TokenizerService._new_pool
+
+    def held(self: TokenizerService, *args: object) -> TokenizerPool:
+        starting.append(gated(new_pool(self, *args), gate))  # type: ignore[arg-type]
+        return starting[-1]
+
+    service = _following(kafka, topics, registry, model, cache=CacheSettings())
+    monkeypatch.setattr(TokenizerService, "_new_pool", held)  # after v1's pool was made
+    batch = QueryBatch("during", ITEMS, submitted_at=time.time())
+    await _publish(kafka, [(topics.queries, encode_query_batch(batch))])
+    await service.start()
+    stopping = None
+    try:
+        run = asyncio.create_task(service.run())
+        await _until(lambda: service.stats.batches == 1, "the batch")
+        registry.promote(model, "v2", smoke=False)
+        await _until(lambda: starting and starting[0].pids, "the new pool's process")
+        pids = starting[0].pids + service.pool.pids
+        service.request_stop()  # SIGTERM
+        await asyncio.wait_for(run, TIMEOUT)
+        stopping = asyncio.ensure_future(service.stop())
+        follow = service._follow_task
+        await _until(lambda: follow is not None and follow.cancelling(), "the cancellation")
+        gate.touch()  # the held process may finish its set-up now: too late to be used
+        await asyncio.wait_for(stopping, TIMEOUT)
+    finally:
+        if stopping is None:
+            await service.stop()
+    assert len(pids) == 2 and starting[0].pids == [] and service.pool.pids == []
+    assert not any(p.pid in pids for p in multiprocessing.active_children())
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert service.manifest.version == "v1" and service.follow_stats.follows == 0
+    (record,) = await _read(kafka, topics.tokens, 1)
+    v1 = registry.get(model, "v1")
+    assert decode_token_batch(record.value) == _expected(v1, read_manifest(v1), batch, ITEMS)
