@@ -14,10 +14,18 @@ can disagree with the directory), the reload is *pending*. The ReloadController 
 
 Fleet-wide, at most `max_concurrent` workers reload at once: a lease in Redis (SET NX with a
 timeout, so a worker that dies mid-reload frees it); without Redis, or with Redis down, a
-random delay of up to `jitter_s` instead, never a stall. Loading runs in a thread with few
-engine threads (the serving engines keep the cores), then the golden check (engines.golden);
-a version that does not fit in memory, fails to load or fails its check is refused: the old
-one keeps serving, and the reason is logged, counted and exported. Every step is logged.
+random delay of up to `jitter_s` instead, never a stall.
+
+A version with another tokenizer (or max length) is a *transition*: the tokenizer services
+switch to it at the promotion, so its TokenBatches arrive at once. It is loaded as soon as it
+is verified (no quiet window, no lease: waiting would hold those records), and the worker keeps
+the old engines for the old tokenizer's TokenBatches still in the topics (ScoringWorker.swap).
+A version with another head is refused: its scores mean something else (restart onto it).
+
+Loading runs in a thread (GPU runtimes copy at a capped byte rate on a low-priority stream),
+then the golden check (engines.golden); a version that does not fit in memory, fails to load
+or fails its check is refused: the old one keeps serving, and the reason is logged, counted
+and exported. Every step is logged, and timed per phase (the engines' own load phases too).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any, Protocol
 import structlog
 
 from engines.errors import EngineError
-from engines.manifest import verify_artifact
+from engines.manifest import Manifest, read_manifest, swap_blockers, verify_artifact
 from engines.protocol import Engine
 
 log = structlog.get_logger(__name__)
@@ -55,7 +63,12 @@ class ReloadSettings:
     max_concurrent: int = 1  # workers of the fleet reloading at once (Redis lease)
     lease_s: float = 600.0  # a lease's timeout (a reload that died frees it)
     jitter_s: float = 30.0  # without a lease store: a random delay before loading
-    threads: int = 1  # engine threads while loading (the serving engines keep the cores)
+    # Engine threads of the new version; None: as the serving engines. ONNX Runtime fixes a
+    # session's threads when it is built, so fewer here would serve with fewer for good.
+    threads: int | None = None
+    # GPU runtimes copy the new weights to the device at most this fast (MB/s; None: as fast
+    # as the bus goes), in chunks on a low-priority stream, beside the serving engine's copies.
+    copy_mb_per_s: float | None = 1000.0
     # Checksums of a promoted version are verified as soon as it is seen, paced at this rate
     # (a burst of hashing beside the serving engines is a latency spike on a small host).
     verify_mb_per_s: float = 100.0
@@ -66,8 +79,11 @@ class ReloadSettings:
                 raise ValueError(f"{name} must be > 0")
         if not 0 < self.quiet_load <= 1:
             raise ValueError("quiet_load must be in (0, 1]")
-        if self.max_concurrent < 1 or self.threads < 1 or self.quiet_depth < 0:
+        if self.max_concurrent < 1 or self.quiet_depth < 0 or (
+                self.threads is not None and self.threads < 1):
             raise ValueError("max_concurrent and threads must be >= 1, quiet_depth >= 0")
+        if self.copy_mb_per_s is not None and self.copy_mb_per_s <= 0:
+            raise ValueError("copy_mb_per_s must be > 0 (or None: unpaced)")
         if self.jitter_s < 0:
             raise ValueError("jitter_s must be >= 0")
         if self.window is not None and not all(0 <= m < 1440 for m in self.window):
@@ -173,6 +189,20 @@ class Swappable(Protocol):
     async def swap(self, engines: list[Engine]) -> int: ...
 
 
+class Outcomes:
+    """Wakes everyone waiting for the next reload outcome (a swap or a refusal)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 @dataclass(slots=True)
 class ReloadStats:
     state: str = "serving"
@@ -181,6 +211,7 @@ class ReloadStats:
     pending_since: float = 0.0  # unix seconds; 0 when nothing is pending
     reloads: int = 0
     refused: int = 0
+    transitions: int = 0  # reloads onto another tokenizer (both served for a while)
     last_reason: str = ""
     phases_s: dict[str, float] = field(default_factory=dict)
 
@@ -188,6 +219,7 @@ class ReloadStats:
         return {"reload_state": float(STATES.index(self.state)),
                 "reload_pending_since": self.pending_since, "reloads": float(self.reloads),
                 "reloads_refused": float(self.refused),
+                "reload_transitions": float(self.transitions),
                 **{f"reload_{k}_s": v for k, v in self.phases_s.items()}}
 
 
@@ -195,20 +227,25 @@ class Reloader:
     """Follows `current(model)` for a worker; see the module docstring."""
 
     def __init__(self, worker: Swappable, current: Callable[[], Path | None],
-                 load: Callable[[Path, int], list[Engine]], settings: ReloadSettings, *,
+                 load: Callable[[Path, int | None], list[Engine]], settings: ReloadSettings, *,
                  load_sample: Callable[[], tuple[float, int]],
                  lease: Lease | None = None, clock: Callable[[], float] = time.monotonic,
                  check: Callable[[Engine], Any] | None = None,
-                 verify: Callable[..., Any] | None = verify_artifact) -> None:
+                 verify: Callable[..., Any] | None = verify_artifact,
+                 manifest_of: Callable[[Path], Manifest] = read_manifest) -> None:
         """`current()` is the promoted artifact (None: none); `load(path, threads)` loads the
         worker's engines of it without verifying checksums again (blocking: run in a
-        thread); `load_sample()` is (load
-        fraction, queue depth) now; `check(engine)` is the golden check
-        (engines.golden.check_golden)."""
+        thread); `load_sample()` is (load fraction, queue depth) now; `check(engine)` is the
+        golden check (engines.golden.check_golden)."""
         self.worker, self.current, self.load, self.settings = worker, current, load, settings
         self.load_sample, self.lease, self.clock = load_sample, lease, clock
-        self.check, self.verify = check, verify
+        self.check, self.verify, self.manifest_of = check, verify, manifest_of
         self.controller = ReloadController(settings)
+        self.pending_manifest: Manifest | None = None
+        self.transition = False  # the pending version has another tokenizer: load at once
+        self.outcomes = Outcomes()  # fired at each swap or refusal
+        self._wake = asyncio.Event()
+        self._polled = Outcomes()  # fired after each poll
         self.stats = ReloadStats(serving=worker.manifest.version)
         self._refused: set[str] = set()  # versions refused (until the pointer moves again)
         self._verify_s = 0.0
@@ -226,7 +263,26 @@ class Reloader:
                 raise
             except Exception as exc:  # never take the worker down: log, and poll again
                 log.error("reload_error", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.settings.poll_s)
+            self._polled.fire()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+            self._wake.clear()
+
+    async def expecting(self, tokenizer_id: str) -> bool:
+        """Is a version of this tokenizer on its way (pending, loading)? A TokenBatch of an
+        unknown tokenizer may be the first of a promotion not polled yet: poll now, once
+        (bounded: a reloader that is not running, or stuck, answers from what it knows)."""
+        if self._expects(tokenizer_id):
+            return True
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._polled.wait(), 2 * self.settings.poll_s + 10)
+        return self._expects(tokenizer_id)
+
+    def _expects(self, tokenizer_id: str) -> bool:
+        m = self.pending_manifest
+        return (m is not None and m.tokenizer_id == tokenizer_id
+                and self.stats.pending == m.version)
 
     async def step(self) -> bool:
         """One poll: notice a promotion, decide, maybe reload. True when it swapped."""
@@ -240,24 +296,51 @@ class Reloader:
                 log.info("reload_cancelled", serving=serving, promoted=version)
             self.controller.reset()
             self.stats.state, self.stats.pending, self.stats.pending_since = "serving", "", 0.0
+            self.pending_manifest = None
             return False
+        assert path is not None
         now = self.clock()
         if self.stats.state != "pending" or self.stats.pending != version:
             self.controller.reset()
             self.controller.pending(now)
             self.stats.state, self.stats.pending = "pending", version
             self.stats.pending_since = time.time()
-            log.info("reload_pending", serving=serving, promoted=version)
-            assert path is not None
-            if not await self._verify(path, version):
+            if not await self._notice(path, version):
                 return False
+        if self.transition:
+            log.info("reload_start", serving=serving, promoted=version, reason=(
+                "another tokenizer: the tokenizer services switch at the promotion, so its "
+                "TokenBatches arrive now (loaded at once, without waiting for a lease)"))
+            return await self._load_check_swap(path, version)
         load, depth = self.load_sample()
         go, reason = self.controller.decide(now, load, depth)
         if not go:
             return False
         log.info("reload_start", serving=serving, promoted=version, reason=reason)
-        assert path is not None
         return await self._reload(path, version)
+
+    async def _notice(self, path: Path, version: str) -> bool:
+        """A newly promoted version: read its manifest (head and tokenizer), verify it."""
+        try:
+            new = await asyncio.to_thread(self.manifest_of, path)
+        except EngineError as exc:
+            return self._refuse(version, f"unreadable manifest: {exc}")
+        clash = swap_blockers(self.worker.manifest, new)
+        self.pending_manifest, self.transition = new, bool(clash)
+        log.info("reload_pending", serving=self.worker.manifest.version, promoted=version,
+                 differs=clash or None)
+        serving = self.worker.manifest
+        if new.backend != serving.backend:
+            return self._refuse(version, (
+                f"it is a {new.backend} engine and this worker runs {serving.backend} "
+                f"engines (its devices and options are for those): start workers with "
+                f"--backend {new.backend} for it"))
+        if "head" in clash:
+            return self._refuse(version, (
+                f"its head ({new.head}) differs from the serving version's "
+                f"({self.worker.manifest.head}): its scores mean something else, so it is not "
+                "swapped in while serving (restart the fleet onto it)"))
+        return await self._verify(path, version)
 
     async def _reload(self, path: Path, version: str) -> bool:
         held = False
@@ -307,6 +390,10 @@ class Reloader:
         except EngineError as exc:  # does not fit, mismatched: refused
             return self._refuse(version, f"load failed: {exc}")
         phases["load"] = time.perf_counter() - started
+        for engine in engines:  # the runtime's own phases (read, copy, build, capture, ...)
+            for name, seconds in getattr(engine, "load_phases", {}).items():
+                if name != "verify":  # verified above, before the window
+                    phases[f"load_{name}"] = phases.get(f"load_{name}", 0.0) + seconds
         warm = time.perf_counter()
         try:
             for engine in engines:
@@ -327,14 +414,17 @@ class Reloader:
         self.stats.state = "swapping"
         try:
             await self.worker.swap(engines)  # closes them if it refuses
-        except ValueError as exc:  # another tokenizer or head: restart onto it
+        except ValueError as exc:  # another head: restart onto it
             return self._refuse(version, str(exc))
         phases["total"] = time.perf_counter() - started
         self.stats.phases_s = {k: round(v, 3) for k, v in phases.items()}
         self.stats.reloads += 1
+        self.stats.transitions += self.transition
         self.stats.serving, self.stats.pending, self.stats.pending_since = version, "", 0.0
         self.stats.state = "serving"
         self.controller.reset()
+        self.pending_manifest, self.transition = None, False
+        self.outcomes.fire()
         log.info("reload_done", serving=version, **self.stats.phases_s)
         return True
 
@@ -344,6 +434,8 @@ class Reloader:
         self.stats.last_reason = reason
         self.stats.state, self.stats.pending, self.stats.pending_since = "serving", "", 0.0
         self.controller.reset()
+        self.pending_manifest, self.transition = None, False
+        self.outcomes.fire()
         log.error("reload_refused", version=version, serving=self.worker.manifest.version,
                   reason=reason)
         return False

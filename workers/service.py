@@ -67,6 +67,9 @@ class WorkerSettings:
     # An engine call that takes longer is stuck (a hung GPU): the engine is declared dead.
     # Generous: a CPU engine on an oversubscribed host can be very slow without being stuck.
     engine_timeout_s: float = 300.0
+    # After a swap onto another tokenizer, the old engines keep scoring the old tokenizer's
+    # TokenBatches (those still in the topics) until none has arrived for this long.
+    transition_idle_s: float = 120.0
 
 
 @dataclass(slots=True)
@@ -101,15 +104,18 @@ class ScoringWorker:
             0: EnginePool(engines, call_timeout_s=settings.engine_timeout_s)}
         self._open: Counter[int] = Counter()  # records in flight per generation
         self._retired: dict[int, asyncio.Event] = {}  # old generations still draining
+        # Old generations kept for another tokenizer's TokenBatches: when one last arrived.
+        self._legacy: dict[int, float] = {}
+        self._legacy_task: asyncio.Task[None] | None = None
         self.swaps = 0
         # The worker only writes the cache (the tokenizer reads it): without Redis there is no
         # reader, and with it an in-process LRU here would hold entries nobody asks for.
         self.cache = (None if settings.cache is None or settings.cache.redis_url is None
                       else ResultCache(replace(settings.cache, local_entries=0),
                                        self.manifest.version))
-        # Token ids are checked against the vocabulary before any engine call, on every
-        # backend (None: engines without an artifact on disk, as in tests).
-        self.vocab_size = _vocab_size(engines)
+        # Token ids are checked against the generation's vocabulary before any engine call,
+        # on every backend (None: engines without an artifact on disk, as in tests).
+        self._vocab: dict[int, int | None] = {0: _vocab_size(engines)}
         self.batcher = MicroBatcher(settings.batcher)
         self.stats = WorkerStats()
         self.name = name
@@ -162,31 +168,84 @@ class ScoringWorker:
     def manifest(self) -> Manifest:
         return self.pool.manifest
 
+    @property
+    def vocab_size(self) -> int | None:
+        return self._vocab[self.generation]
+
     async def swap(self, engines: Sequence[Engine]) -> int:
         """Serve `engines` from now on (a loaded, checked new version): TokenBatches that
         arrive from here are scored by them; those already queued or running finish on the
         old engines, which are closed once the last of them is done. Returns the new
-        generation. Raises ValueError for engines this worker cannot switch to while serving
-        (another tokenizer, head or max length: their TokenBatches would differ)."""
+        generation.
+
+        A version with another tokenizer or max length is a transition: the old engines stay
+        (for the old tokenizer's TokenBatches still in the topics) until none has arrived for
+        `transition_idle_s`. Raises ValueError for another head (its scores mean something
+        else: restart the worker onto it)."""
         new = EnginePool(engines, call_timeout_s=self.settings.engine_timeout_s)
         old = self.manifest
         m = new.manifest
         clash = swap_blockers(old, m)
-        if clash:
+        if "head" in clash:
             await new.close()
             raise ValueError(f"version {m.version} differs from the serving {old.version} in "
-                             f"{', '.join(clash)}: its TokenBatches differ, so it cannot be "
+                             f"{', '.join(clash)}: its scores differ in kind, so it cannot be "
                              "swapped in while serving (restart the worker onto it)")
-        retired = self.generation
+        previous = self.generation
         self.generation += 1
         self.pools[self.generation] = new
-        self.vocab_size = _vocab_size(engines)
+        self._vocab[self.generation] = _vocab_size(engines)
         self.swaps += 1
-        self._retired[retired] = asyncio.Event()
+        if clash:  # another tokenizer: both are served for a while
+            self._legacy[previous] = time.monotonic()
+            if self._legacy_task is None or self._legacy_task.done():
+                self._legacy_task = asyncio.create_task(self._retire_legacy(),
+                                                        name=f"{self.name}-legacy")
+        else:
+            self._retired[previous] = asyncio.Event()
         log.info("engine_swapped", old=old.version, new=m.version, generation=self.generation,
-                 old_records_in_flight=self._open[retired])
-        self._maybe_close(retired)
+                 old_records_in_flight=self._open[previous], differs=clash or None)
+        self._maybe_close(previous)
         return self.generation
+
+    async def _retire_legacy(self) -> None:
+        """Retire old-tokenizer generations once none of their TokenBatches came for a while."""
+        idle = self.settings.transition_idle_s
+        while self._legacy:
+            await asyncio.sleep(min(idle / 4, 5.0))
+            now = time.monotonic()
+            for generation, seen in list(self._legacy.items()):
+                if now - seen >= idle:
+                    del self._legacy[generation]
+                    self._retired[generation] = asyncio.Event()
+                    log.info("engine_transition_done", version=self.pools[generation].manifest
+                             .version, idle_s=round(now - seen, 1))
+                    self._maybe_close(generation)
+
+    def _generation_of(self, tb: TokenBatch) -> int | None:
+        """The live generation that scores this TokenBatch's tokenizer: the serving one, else
+        one kept for an older tokenizer."""
+        if tb.tokenizer_id == self.manifest.tokenizer_id:
+            return self.generation
+        for generation in sorted(self._legacy, reverse=True):
+            if self.pools[generation].manifest.tokenizer_id == tb.tokenizer_id:
+                self._legacy[generation] = time.monotonic()
+                return generation
+        return None
+
+    async def _generation_for(self, tb: TokenBatch) -> int:
+        """As _generation_of; a TokenBatch of a version being loaded (the tokenizers switched
+        first) waits for it to be swapped in or refused."""
+        while (generation := self._generation_of(tb)) is None:
+            r = self.reloader
+            if r is None or not await r.expecting(tb.tokenizer_id):
+                return self._generation_of(tb) or self.generation  # checked (and refused) next
+            waiting = asyncio.ensure_future(r.outcomes.wait())
+            try:
+                await waiting
+            finally:
+                waiting.cancel()
+        return generation
 
     async def retired(self) -> None:
         """Wait until every retired generation's engines are closed."""
@@ -198,6 +257,7 @@ class ScoringWorker:
         if generation not in self._retired or self._open[generation]:
             return
         pool = self.pools.pop(generation)
+        self._vocab.pop(generation, None)
         done = self._retired[generation]
 
         async def close() -> None:
@@ -266,6 +326,10 @@ class ScoringWorker:
                 await self._reload_task
         if self.reloader is not None:
             await self.reloader.close()
+        if self._legacy_task is not None:
+            self._legacy_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._legacy_task
         try:
             await asyncio.gather(self.online.stop(), self.offline.stop())
         finally:
@@ -290,22 +354,28 @@ class ScoringWorker:
 
     # -- per record ------------------------------------------------------------------------
     async def _handle(self, record: ConsumerRecord, priority: Priority) -> None:
-        generation = self.generation  # checked against, scored by and labelled with it
+        received = time.time()
+        tb = decode_token_batch(record.value or b"", self.settings.limits)
+        # Checked against, scored by and labelled with the generation chosen now.
+        generation = (self.generation if tb.tokenizer_id == self.manifest.tokenizer_id
+                      else await self._generation_for(tb))
         self._open[generation] += 1
         try:
-            await self._score_record(record, priority, generation)
+            await self._score_record(tb, priority, generation, received)
         finally:
             self._open[generation] -= 1
             self._maybe_close(generation)
 
-    async def _score_record(self, record: ConsumerRecord, priority: Priority,
-                            generation: int) -> None:
-        received = time.time()
-        tb = decode_token_batch(record.value or b"", self.settings.limits)
+    async def _score_record(self, tb: TokenBatch, priority: Priority, generation: int,
+                            received: float) -> None:
         m = self.pools[generation].manifest
         if tb.tokenizer_id != m.tokenizer_id:
+            refused = ""
+            if self.reloader is not None and self.reloader.stats.last_reason:
+                refused = f"; the last version refused: {self.reloader.stats.last_reason}"
             raise WorkerInputError(f"TokenBatch tokenizer {tb.tokenizer_id} differs from the "
-                                   f"engine's {m.tokenizer_id} (model {m.model_id} {m.version})")
+                                   f"engine's {m.tokenizer_id} (model {m.model_id} "
+                                   f"{m.version}){refused}")
         if tb.head != m.head:  # same tokenizer, other head: pairs vs separate texts
             raise WorkerInputError(f"TokenBatch tokenized for the {tb.head} head; the engine "
                                    f"is {m.head} (model {m.model_id} {m.version})")
@@ -317,10 +387,11 @@ class ScoringWorker:
         if tb.max_length > m.max_length:
             raise WorkerInputError(f"TokenBatch max_length {tb.max_length} exceeds the "
                                    f"engine's {m.max_length}")
-        if self.vocab_size is not None and tb.input_ids.size and (
-                (top := int(tb.input_ids.max())) >= self.vocab_size):
+        vocab = self._vocab[generation]
+        if vocab is not None and tb.input_ids.size and (
+                (top := int(tb.input_ids.max())) >= vocab):
             raise WorkerInputError(f"token id {top} is outside the vocabulary of "
-                                   f"{self.vocab_size} ids (model {m.model_id} {m.version})")
+                                   f"{vocab} ids (model {m.model_id} {m.version})")
         queued = time.perf_counter()
         outputs = await (await self.batcher.submit(tb, priority, generation=generation))
         inference_done = time.perf_counter()

@@ -120,7 +120,7 @@ async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
     assert {"reload_state", "reloads", "reloads_refused"} <= set(reloader.stats.metrics())
 
 
-async def test_the_tokenizer_follows_a_promotion_with_the_same_tokenizer_only(
+async def test_the_tokenizer_follows_a_promotion_and_looks_up_its_keys(
         default_engine_path: Path, tmp_path: Path) -> None:
     from plumbing.kafka import KafkaSettings, Topics
     from qscore.cli.services import registry_pointer
@@ -129,9 +129,7 @@ async def test_the_tokenizer_follows_a_promotion_with_the_same_tokenizer_only(
     from tokenizer_svc.units import batch_keys
 
     root = tmp_path / "registry"
-    registry, model = _registry(default_engine_path, root, "v3-other-tokenizer")
-    other = registry.get(model, "v3-other-tokenizer")
-    write_manifest(other, replace(read_manifest(other), tokenizer_id="another@1"))
+    registry, model = _registry(default_engine_path, root)
     service = TokenizerService(TokenizerServiceSettings(
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"), topics=Topics(),
         cache=CacheSettings(), artifact=registry.get(model, "v1"), processes=1))
@@ -139,8 +137,6 @@ async def test_the_tokenizer_follows_a_promotion_with_the_same_tokenizer_only(
     assert not await service.follow_once()  # serving what is promoted
     registry.promote(model, "v2", smoke=False)
     assert await service.follow_once() and service.manifest.version == "v2"
-    registry.promote(model, "v3-other-tokenizer", smoke=False)
-    assert not await service.follow_once() and service.manifest.version == "v2"
     # Keys are computed for the version the service now looks up.
     items = (QueryItem(id="a", query="red shoes", docs=("cheap red shoes",)),)
     await service.pool.start()
@@ -207,3 +203,60 @@ async def test_a_stop_in_the_middle_of_a_reload_loses_nothing_and_frees_the_new_
     assert all(it.model_version == "v1" for b in batches.values() for it in b.items)
     assert worker.online.stats.dead_letters == 0 and worker.swaps == 0
     assert await asyncio.to_thread(closed.wait, 30)  # freed once the thread returned it
+
+
+async def test_a_promotion_with_another_tokenizer_is_loaded_at_once_and_both_are_served(
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path, tmp_path: Path) -> None:
+    """The tokenizers switch at the promotion: the first TokenBatch of the new tokenizer makes
+    the worker poll (long before its poll_s), load the version at once and score it there;
+    the old tokenizer's TokenBatches still in the topic are scored by the old version."""
+    from types import SimpleNamespace
+
+    from tests.engine_fixtures import retokenized_version
+
+    root = tmp_path / "registry"
+    registry, model = _registry(default_engine_path, root)
+    v3 = retokenized_version(registry.get(model, "v1"), root, "v3-retokenized")
+    topics = await _topics(create_topic, topic_name)
+    engine = load_engine(registry.get(model), threads=1)
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                                          group_id=f"{topic_name}-w"), [engine])
+    # poll_s of 10 minutes: only the new tokenizer's TokenBatch can make it look in time.
+    worker.reloader = follower(
+        worker, ReloadSettings(poll_s=600, quiet_s=600, jitter_s=0), root, model,
+        CacheSettings(), lambda path, threads: [load_engine(path, threads=threads)])
+    items = [QueryItem(id=f"q{i}", query=f"cheap flights to city {i}") for i in range(5)]
+    new = SimpleNamespace(path=v3, manifest=read_manifest(v3))
+    tbs = ([tokenize(engine, items, f"b{n:02d}") for n in range(10)]
+           + [tokenize(new, items, f"b{n:02d}") for n in range(10, 20)]  # type: ignore[arg-type]
+           + [tokenize(engine, items, f"b{n:02d}") for n in range(20, 30)])
+    assert tbs[10].tokenizer_id != tbs[0].tokenizer_id
+    producer = make_producer(kafka(kafka_bootstrap))
+    await worker.start()
+    await producer.start()
+    try:
+        run = asyncio.create_task(worker.run())
+
+        async def publish(part: list) -> None:  # type: ignore[type-arg]
+            await asyncio.gather(*[await producer.send(
+                topics.tokens, encode_token_batch(tb), key=tb.batch_id.encode()) for tb in part])
+
+        await publish(tbs[:10])
+        await read_all(kafka_bootstrap, topics.scores, 10)
+        registry.promote(model, "v3-retokenized", smoke=False)
+        await publish(tbs[10:])
+        values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
+        worker.request_stop()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await producer.stop()
+        await worker.stop()
+    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
+    assert sorted(batches) == [tb.batch_id for tb in tbs]  # nothing lost, none twice
+    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    assert all(versions[tb.batch_id] == {"v1"} for tb in tbs[:10] + tbs[20:])
+    assert all(versions[tb.batch_id] == {"v3-retokenized"} for tb in tbs[10:20])
+    assert worker.online.stats.dead_letters == 0
+    stats = worker.reloader.stats
+    assert stats.transitions == 1 and stats.serving == "v3-retokenized" and not stats.refused

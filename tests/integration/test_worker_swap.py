@@ -19,6 +19,7 @@ from engines.protocol import Engine
 from plumbing.kafka import make_producer
 from schemas import QueryItem, decode_score_batch, encode_token_batch
 from tests.integration.test_worker import _topics, kafka, read_all, tokenize
+from tests.waiting import until
 from workers.microbatcher import BatcherSettings
 from workers.service import ScoringWorker, WorkerSettings
 
@@ -102,14 +103,56 @@ async def test_a_swap_while_serving_loses_nothing_and_labels_every_batch_with_on
         worker.online.stats.dead_letters == 0)
 
 
-async def test_a_version_with_another_tokenizer_is_refused_and_the_old_one_keeps_serving(
-        default_engine_path: Path, tmp_path: Path) -> None:
-    engine = load_engine(default_engine_path, threads=1)
-    worker = ScoringWorker(WorkerSettings(kafka=kafka("127.0.0.1:1")), [engine])
-    other = Relabelled(load_engine(default_engine_path, threads=1), "v-other")
-    other.manifest = replace(other.manifest, tokenizer_id="another-tokenizer@1")
-    with pytest.raises(ValueError, match="tokenizer_id"):
-        await worker.swap([other])
-    assert worker.generation == 0 and worker.manifest.version == engine.manifest.version
-    assert other.closed  # the refused engines are closed, not leaked
-    await worker.pools[0].close()
+async def test_another_tokenizer_is_served_beside_the_old_until_its_batches_stop_and_a_head_change_is_refused(  # noqa: E501
+        kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
+        default_engine_path: Path) -> None:
+    """A transition: after the swap, TokenBatches of both tokenizers are scored, each by the
+    version of its own tokenizer; the old engines go once the old tokenizer's batches stop."""
+    topics = await _topics(create_topic, topic_name)
+    old = Relabelled(load_engine(default_engine_path, threads=1), "v-old")
+    new = Relabelled(load_engine(default_engine_path, threads=1), "v-new")
+    new.manifest = replace(new.manifest, tokenizer_id="another-tokenizer@1")
+    worker = ScoringWorker(WorkerSettings(kafka=kafka(kafka_bootstrap), topics=topics,
+                                          group_id=f"{topic_name}-w", transition_idle_s=0.4),
+                           [old])
+    items = [QueryItem(id=f"q{i}", query=f"query {i} about red shoes") for i in range(3)]
+    tbs = [tokenize(old, items, f"b{n:03d}") for n in range(30)]
+    # b000-b009 before the swap (old tokenizer); b010-b019 after it from tokenizers that
+    # switched; b020-b029 after it, old tokenizer's, still in the topic.
+    tbs[10:20] = [replace(tb, tokenizer_id="another-tokenizer@1") for tb in tbs[10:20]]
+    producer = make_producer(kafka(kafka_bootstrap))
+    await worker.start()
+    await producer.start()
+    try:
+        run = asyncio.create_task(worker.run())
+
+        async def publish(part: list) -> None:  # type: ignore[type-arg]
+            await asyncio.gather(*[await producer.send(
+                topics.tokens, encode_token_batch(tb), key=tb.batch_id.encode()) for tb in part])
+
+        await publish(tbs[:10])
+        await read_all(kafka_bootstrap, topics.scores, 10)
+        head = Relabelled(load_engine(default_engine_path, threads=1), "v-head")
+        head.manifest = replace(head.manifest, head="classifier",
+                                tokenizer_id="another-tokenizer@1")
+        with pytest.raises(ValueError, match="head"):
+            await worker.swap([head])
+        assert head.closed and worker.manifest.version == "v-old"
+        assert await worker.swap([new]) == 1
+        await publish(tbs[10:])
+        values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
+        # b020-b029 were scored by the old engines (below): kept after the swap; then closed
+        # once no batch of theirs came for transition_idle_s.
+        await asyncio.wait_for(until(lambda: old.closed), 30)
+        assert list(worker.pools) == [1]
+        worker.request_stop()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await producer.stop()
+        await worker.stop()
+    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
+    assert sorted(batches) == [tb.batch_id for tb in tbs]  # each once, none dead-lettered
+    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    assert all(versions[tb.batch_id] == {"v-new"} for tb in tbs[10:20])
+    assert all(versions[tb.batch_id] == {"v-old"} for tb in tbs[:10] + tbs[20:])
+    assert worker.online.stats.dead_letters == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from engines.errors import ArtifactError
 from engines.golden import GoldenReport
+from tests.waiting import until
 from workers.reload import (
     ReloadController,
     Reloader,
@@ -66,6 +68,15 @@ def test_outside_the_window_it_waits_however_quiet() -> None:
     assert c.decide(6, 0.0, 0, NOON.replace(hour=3))[0]
 
 
+def _manifest(version: str) -> SimpleNamespace:
+    """v2-tok: another tokenizer; v2-head: another head; v2-torch: another backend;
+    anything else: like v1."""
+    return SimpleNamespace(version=version, max_length=128,
+                           backend="torch" if "torch" in version else "onnxruntime",
+                           tokenizer_id="tok-b" if "tok" in version else "tok-a",
+                           head="classifier" if "head" in version else "similarity")
+
+
 @dataclass
 class FakeEngine:
     version: str
@@ -73,7 +84,7 @@ class FakeEngine:
 
     @property
     def manifest(self) -> SimpleNamespace:
-        return SimpleNamespace(version=self.version)
+        return _manifest(self.version)
 
     def close(self) -> None:
         self.closed = True
@@ -84,7 +95,7 @@ class FakeEngine:
 
 class FakeWorker:
     def __init__(self) -> None:
-        self.manifest = SimpleNamespace(version="v1")
+        self.manifest = _manifest("v1")
         self.swapped: list[str] = []
 
     async def swap(self, engines: list[FakeEngine]) -> int:
@@ -99,7 +110,7 @@ def _reloader(pointer: list[str | None], *, ok: bool = True, load_error: bool = 
     clock = SimpleNamespace(now=0.0)
 
     def load(path: Path, threads: int) -> list[FakeEngine]:
-        assert threads == 1
+        assert threads is None  # as the serving engines
         if load_error:
             raise ArtifactError(path, "model.onnx: checksum mismatch")
         loaded.append(FakeEngine(path.name))
@@ -112,7 +123,8 @@ def _reloader(pointer: list[str | None], *, ok: bool = True, load_error: bool = 
     reloader = Reloader(worker, lambda: None if pointer[0] is None else Path("/r") / pointer[0],
                         load, ReloadSettings(quiet_s=1, jitter_s=0), check=check,  # type: ignore[arg-type]
                         load_sample=lambda: (0.0, 0), lease=lease,  # type: ignore[arg-type]
-                        clock=lambda: clock.now, verify=None)
+                        clock=lambda: clock.now, verify=None,
+                        manifest_of=lambda path: _manifest(path.name))  # type: ignore[arg-type,return-value]
     reloader.clock_state = clock  # type: ignore[attr-defined]
     return reloader, worker, loaded
 
@@ -202,3 +214,37 @@ async def test_checksums_are_verified_paced_as_soon_as_a_version_is_promoted() -
     assert await _steps(reloader, [0]) == [False]  # refused at once, before any window
     assert calls == [(Path("/r/v2"), 100e6)] and loaded == [] and worker.swapped == []
     assert "verification failed" in reloader.stats.last_reason
+
+
+async def test_another_tokenizer_loads_at_once_without_a_lease_and_another_head_is_refused(
+        ) -> None:
+    pointer: list[str | None] = ["v2-tok"]
+    busy = FakeLease(free=False)
+    reloader, worker, _ = _reloader(pointer, lease=busy)
+    reloader.load_sample = lambda: (0.95, 5000)  # busy: a same-tokenizer version would wait
+    assert await _steps(reloader, [0]) == [True]  # the tokenizers switch now: so does it
+    assert worker.swapped == ["v2-tok"] and reloader.stats.transitions == 1
+    assert busy.released == 0  # no lease taken: waiting would hold the new TokenBatches
+    pointer[0] = "v3-head"
+    assert await _steps(reloader, [1, 2, 3]) == [False] * 3
+    assert worker.swapped == ["v2-tok"] and reloader.stats.refused == 1
+    assert "head" in reloader.stats.last_reason and "restart" in reloader.stats.last_reason
+    pointer[0] = "v4-torch"  # a worker's devices and options are for its own backend
+    assert await _steps(reloader, [4]) == [False]
+    assert reloader.stats.refused == 2 and "--backend torch" in reloader.stats.last_reason
+
+
+async def test_a_tokenbatch_of_a_promotion_not_polled_yet_makes_the_reloader_poll() -> None:
+    pointer: list[str | None] = ["v1"]
+    reloader, worker, _ = _reloader(pointer)
+    reloader.load = lambda path, threads: [FakeEngine(path.name)]  # type: ignore[assignment]
+    pointer[0] = "v2-tok"
+    task = asyncio.create_task(reloader.run())
+    try:
+        # The run loop polls at once; whether or not that poll saw the promotion, asking
+        # wakes it, so the answer never waits for poll_s (5 s by default).
+        assert await asyncio.wait_for(reloader.expecting("tok-b"), 2) in (True, False)
+        await asyncio.wait_for(until(lambda: worker.swapped == ["v2-tok"]), 2)
+        assert await asyncio.wait_for(reloader.expecting("tok-z"), 2) is False
+    finally:
+        task.cancel()
