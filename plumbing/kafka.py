@@ -40,7 +40,8 @@ FAST_GROUP_TIMINGS: dict[str, int] = {
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Topic names. Online and offline traffic use separate topics so that an offline backlog
-    never sits in front of online messages in a partition."""
+    never sits in front of online messages in a partition. `status` carries the services'
+    heartbeats (plumbing.status; create it compacted with ensure_status_topic)."""
 
     queries: str = "qscore.queries"
     queries_offline: str = "qscore.queries.offline"
@@ -48,6 +49,7 @@ class Topics:
     tokens_offline: str = "qscore.tokens.offline"
     scores: str = "qscore.scores"
     dead_letter: str = "qscore.dead-letter"
+    status: str = "qscore.status"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:

@@ -1,7 +1,7 @@
 """The `qscore` command line: the one place that registers every command.
 
-Each command lives in the module of its kind (rescore, engine, client, services, fleet); flags
-and QSCORE_* variables are read only through qscore.cli.options."""
+Each command lives in the module of its kind (rescore, engine, client, services, fleet,
+status); flags and QSCORE_* variables are read only through qscore.cli.options."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from qscore.cli.fleet import up
 from qscore.cli.options import kafka_command, service_command
 from qscore.cli.rescore import rescore
 from qscore.cli.services import tokenizer, worker
+from qscore.cli.status import status
 
 app = typer.Typer(help="qscore: score search queries with quantized BERT-class engines.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -34,3 +35,4 @@ app.add_typer(topics_app, name="topics")
 app.command()(kafka_command(service_command(worker)))
 app.command()(kafka_command(service_command(tokenizer)))
 app.command()(up)
+app.command()(kafka_command(status))

@@ -375,13 +375,22 @@ def topics_create(
     replication: Annotated[int, typer.Option(envvar="QSCORE_REPLICATION", min=1, help=(
         "Copies of each partition (at most the number of brokers; 3 for production)."))] = 1,
 ) -> None:
-    """Create every qscore topic that does not exist yet.
+    """Create every qscore topic that does not exist yet (the status topic compacted).
 
     stdout: one JSON line {created: [...], existing: [...]}.
     """
+    from plumbing.status import ensure_status_topic
+
     names = topics.all()
-    created = _run(ensure_topics(kafka, names, partitions=partitions,
-                                 replication=replication), "creating topics failed")
+
+    async def create() -> list[str]:
+        status = await ensure_status_topic(kafka, topics.status, replication=replication)
+        rest = await ensure_topics(kafka, [n for n in names if n != topics.status],
+                                   partitions=partitions, replication=replication)
+        made = {*rest, *([topics.status] if status else [])}
+        return [n for n in names if n in made]
+
+    created = _run(create(), "creating topics failed")
     existing = [n for n in names if n not in created]
     for name in names:
         err.print(f"{'created' if name in created else 'exists '} {name}", highlight=False)

@@ -46,6 +46,7 @@ from plumbing.kafka import (
     KafkaSettings,
     Topics,
 )
+from plumbing.status import DEFAULT_INTERVAL_S as DEFAULT_STATUS_INTERVAL_S
 
 
 def default_home() -> Path:
@@ -103,7 +104,8 @@ FastGroups = Annotated[bool, typer.Option(
 TopicPrefix = Annotated[str, typer.Option(
     "--topic-prefix", envvar="QSCORE_TOPIC_PREFIX", rich_help_panel=_KAFKA,
     help="Topic names are PREFIX.queries, PREFIX.queries.offline, PREFIX.tokens, "
-    "PREFIX.tokens.offline, PREFIX.scores, PREFIX.dead-letter (one fleet per prefix).")]
+    "PREFIX.tokens.offline, PREFIX.scores, PREFIX.dead-letter, PREFIX.status (one fleet per "
+    "prefix).")]
 
 RedisUrl = Annotated[str | None, typer.Option(
     "--redis-url", envvar="QSCORE_REDIS_URL", rich_help_panel=_REDIS, show_default=False,
@@ -168,6 +170,10 @@ CalibrationMethodOpt = Annotated[str, typer.Option(
     "at run time; the fast one on CPU), or static Q/DQ calibrated by minmax, entropy or "
     "percentile.")]
 LogLevel = Annotated[str, typer.Option(envvar="QSCORE_LOG_LEVEL", help="Log level.")]
+StatusInterval = Annotated[float, typer.Option(
+    "--status-interval-s", envvar="QSCORE_STATUS_INTERVAL_S", min=0, help=(
+        "Publish a heartbeat (model, versions, reload state, load) to PREFIX.status this "
+        "often, for `qscore status`; 0: none."))]
 MetricsPort = Annotated[int | None, typer.Option(envvar="QSCORE_METRICS_PORT", help=(
     "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."))]
 IdleExit = Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_EXIT", help=(
@@ -384,6 +390,27 @@ def device_list(text: str | None) -> tuple[str, ...]:
                  for d in (part.strip() for part in text.split(",")) if d)
 
 
+# -- hot reload: `worker` and `tokenizer` take these, and `qscore up` passes them on ----------
+
+RELOAD_PANEL = "Hot reload"
+ReloadPollS = Annotated[float, typer.Option(
+    envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=RELOAD_PANEL, help=(
+        "How often the registry's pointer is read."))]
+ReloadQuietLoad = Annotated[float, typer.Option(
+    envvar="QSCORE_RELOAD_QUIET_LOAD", min=0.01, max=1.0, rich_help_panel=RELOAD_PANEL, help=(
+        "Traffic counts as low below this fraction of the worker's measured capacity."))]
+ReloadQuietS = Annotated[float, typer.Option(
+    envvar="QSCORE_RELOAD_QUIET_S", min=0.1, rich_help_panel=RELOAD_PANEL, help=(
+        "Seconds of low traffic before a reload starts."))]
+ReloadDeadlineS = Annotated[float, typer.Option(
+    envvar="QSCORE_RELOAD_DEADLINE_S", min=1, rich_help_panel=RELOAD_PANEL, help=(
+        "After this long pending, reload at the quietest moment seen so far."))]
+ReloadMaxConcurrent = Annotated[int, typer.Option(
+    envvar="QSCORE_RELOAD_MAX_CONCURRENT", min=1, rich_help_panel=RELOAD_PANEL, help=(
+        "Workers of the fleet reloading at once (a lease in Redis; without Redis, a random "
+        "delay of up to --reload-jitter-s instead)."))]
+
+
 # -- what both fleet services (worker, tokenizer) take besides Kafka --------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +426,7 @@ class ServiceOptions:
     idle_exit: float | None
     metrics_port: int | None
     log_level: str
+    status_interval_s: float  # 0: no heartbeats
 
 
 _SERVICE_ENGINE = (
@@ -418,6 +446,7 @@ _SERVICE_REST = (
     ("redis_ca_certs", RedisCaCerts, None),
     ("cache_ttl", CacheTtl, DEFAULT_CACHE_TTL_S),
     ("metrics_port", MetricsPort, None),
+    ("status_interval_s", StatusInterval, DEFAULT_STATUS_INTERVAL_S),
     ("log_level", LogLevel, "info"),
 )
 

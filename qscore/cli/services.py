@@ -16,10 +16,16 @@ from engines.errors import EngineError
 from plumbing.kafka import KafkaSettings, Topics
 from plumbing.logs import configure_logging
 from qscore.cli.options import (
+    RELOAD_PANEL,
     Backend,
     Devices,
     Graphs,
     Precision,
+    ReloadDeadlineS,
+    ReloadMaxConcurrent,
+    ReloadPollS,
+    ReloadQuietLoad,
+    ReloadQuietS,
     ServiceOptions,
     Spin,
     Streams,
@@ -27,6 +33,7 @@ from qscore.cli.options import (
     engine_settings,
 )
 from qscore.cli.output import err, fail
+from qscore.cli.status import status_publisher, tokenizer_sample, worker_sample
 from schemas import EMBEDDING_FORMATS
 from workers.microbatcher import BatcherSettings
 from workers.reload import ReloadSettings, parse_window
@@ -34,6 +41,7 @@ from workers.reload import ReloadSettings, parse_window
 if TYPE_CHECKING:
     from engines.protocol import Engine
     from plumbing.cache import CacheSettings
+    from plumbing.status import StatusPublisher
     from workers.reload import Reloader
     from workers.service import ScoringWorker
 
@@ -49,9 +57,11 @@ class Service(Protocol):
 
 
 def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefix: str,
-          summary: Callable[[Service], str]) -> None:
+          summary: Callable[[Service], str],
+          status: Callable[[Service], StatusPublisher | None] | None = None) -> None:
     """Run one service to the end on a fresh event loop: the first SIGTERM/SIGINT drains and
-    commits, a second exits at once; `summary` is printed after it stopped."""
+    commits, a second exits at once; `summary` is printed after it stopped. `status` makes
+    its heartbeats, which go from its start until it has stopped (then a tombstone)."""
     from plumbing.aio import run, stop_on_signals
     from plumbing.metrics import serve_metrics
 
@@ -61,10 +71,17 @@ def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefi
         if options.metrics_port is not None:
             serve_metrics(options.metrics_port, metrics_prefix, service.metrics())
         await service.start()
+        heartbeats = status(service) if status is not None else None
         try:
+            if heartbeats is not None:
+                await heartbeats.start()  # never raises for a broker problem
             await service.run(idle_exit_s=options.idle_exit)
         finally:
-            await service.stop()
+            try:
+                await service.stop()
+            finally:
+                if heartbeats is not None:
+                    await heartbeats.stop()
             err.print(summary(service), soft_wrap=True, highlight=False)
 
     run(main())
@@ -72,10 +89,6 @@ def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefi
 
 _B = BatcherSettings()
 _R = ReloadSettings()
-_RELOAD = "Hot reload"
-ReloadPollS = Annotated[float, typer.Option(
-    envvar="QSCORE_RELOAD_POLL_S", min=0.1, rich_help_panel=_RELOAD, help=(
-        "How often the registry's pointer is read."))]
 
 
 def worker(
@@ -106,36 +119,30 @@ def worker(
     group_id: Annotated[str, typer.Option(envvar="QSCORE_WORKER_GROUP", help=(
         "Consumer group (the offline topic uses GROUP.offline)."))] = "qscore-worker",
     follow: Annotated[bool, typer.Option(
-        "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=_RELOAD, help=(
+        "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=RELOAD_PANEL, help=(
             "Without --engine: follow the model's promoted version in the registry and swap "
             "it in while serving (--engine pins a version: never reloaded)."))] = True,
-    reload_quiet_load: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_QUIET_LOAD", min=0.01, max=1.0, rich_help_panel=_RELOAD, help=(
-            "Traffic counts as low below this fraction of the worker's measured capacity."))]
-    = _R.quiet_load,
-    reload_quiet_s: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_QUIET_S", min=0.1, rich_help_panel=_RELOAD, help=(
-            "Seconds of low traffic before a reload starts."))] = _R.quiet_s,
-    reload_deadline_s: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_DEADLINE_S", min=1, rich_help_panel=_RELOAD, help=(
-            "After this long pending, reload at the quietest moment seen so far."))]
-    = _R.deadline_s,
+    reload_quiet_load: ReloadQuietLoad = _R.quiet_load,
+    reload_quiet_s: ReloadQuietS = _R.quiet_s,
+    reload_deadline_s: ReloadDeadlineS = _R.deadline_s,
     reload_window: Annotated[str | None, typer.Option(
-        envvar="QSCORE_RELOAD_WINDOW", rich_help_panel=_RELOAD, help=(
+        envvar="QSCORE_RELOAD_WINDOW", rich_help_panel=RELOAD_PANEL, help=(
             "Only reload (before the deadline) inside this UTC window, HH:MM-HH:MM."))] = None,
-    reload_max_concurrent: Annotated[int, typer.Option(
-        envvar="QSCORE_RELOAD_MAX_CONCURRENT", min=1, rich_help_panel=_RELOAD, help=(
-            "Workers of the fleet reloading at once (a lease in Redis; without Redis, a "
-            "random delay of up to --reload-jitter-s instead)."))] = _R.max_concurrent,
+    reload_max_concurrent: ReloadMaxConcurrent = _R.max_concurrent,
     reload_jitter_s: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_JITTER_S", min=0, rich_help_panel=_RELOAD, help=(
+        envvar="QSCORE_RELOAD_JITTER_S", min=0, rich_help_panel=RELOAD_PANEL, help=(
             "Random delay before loading when no lease store is reachable."))] = _R.jitter_s,
     reload_poll_s: ReloadPollS = _R.poll_s,
     reload_verify_mb_per_s: Annotated[float, typer.Option(
-        envvar="QSCORE_RELOAD_VERIFY_MB_PER_S", min=1, rich_help_panel=_RELOAD, help=(
+        envvar="QSCORE_RELOAD_VERIFY_MB_PER_S", min=1, rich_help_panel=RELOAD_PANEL, help=(
             "Checksums of a promoted version are verified as soon as it is seen, at most this "
             "fast (a burst beside the serving engines is a latency spike)."))]
     = _R.verify_mb_per_s,
+    reload_copy_mb_per_s: Annotated[float, typer.Option(
+        envvar="QSCORE_RELOAD_COPY_MB_PER_S", min=1, rich_help_panel=RELOAD_PANEL, help=(
+            "GPU: a promoted version's weights are copied to the device at most this fast, "
+            "in chunks on a low-priority stream, beside the serving engine's copies."))]
+    = _R.copy_mb_per_s or 1000.0,
     engine_timeout: Annotated[float, typer.Option(envvar="QSCORE_ENGINE_TIMEOUT", min=0.1, help=(
         "Seconds one engine call may take; a call still running then is stuck (a hung GPU): "
         "its engine is taken out of service, and with none left the worker stops so a "
@@ -154,8 +161,8 @@ def worker(
     try:
         path = find_artifact(settings_)
         manifest = read_manifest(path)
+        per_engine = threads or max(1, (os.cpu_count() or 1) // engines)
         if manifest.backend == "onnxruntime":
-            per_engine = threads or max(1, (os.cpu_count() or 1) // engines)
             loaded = [load_for(settings_, path, threads=per_engine) for _ in range(engines)]
         else:
             loaded = [load_for(settings_, path, device)
@@ -184,20 +191,32 @@ def worker(
                 poll_s=reload_poll_s, quiet_load=reload_quiet_load, quiet_s=reload_quiet_s,
                 deadline_s=reload_deadline_s, max_concurrent=reload_max_concurrent,
                 jitter_s=reload_jitter_s, verify_mb_per_s=reload_verify_mb_per_s,
+                copy_mb_per_s=reload_copy_mb_per_s,
                 window=parse_window(reload_window) if reload_window else None)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--reload-window") from None
+
+    def reload_engines(path: Path, threads: int | None) -> list[Engine]:
+        """A promoted version's engines, as the serving ones are: the same devices, and the
+        same threads (verified already: not hashed again)."""
+        assert reload is not None
+        cap = None if reload.copy_mb_per_s is None else reload.copy_mb_per_s * 1e6
+        return [load_for(settings_, path, e.device, threads=threads or per_engine, verify=False,
+                         load_max_bytes_per_s=cap) for e in loaded]
 
     def make() -> ScoringWorker:
         worker = ScoringWorker(settings, loaded)
         if reload is not None:
             worker.reloader = follower(worker, reload, service.engine_dir, manifest.model_id,
-                                       service.cache, lambda p, t: [
-                                           load_for(settings_, p, threads=t, verify=False)
-                                           for _ in range(len(loaded))])
+                                       service.cache, reload_engines)
         return worker
 
-    serve(make, service, metrics_prefix="qscore_worker", summary=summary)  # type: ignore[arg-type]
+    def heartbeats(worker: ScoringWorker) -> StatusPublisher | None:
+        return status_publisher("worker", worker.name, worker_sample(worker), kafka, topics,
+                                service)
+
+    serve(make, service, metrics_prefix="qscore_worker", summary=summary,
+          status=heartbeats)  # type: ignore[arg-type]
 
 
 def registry_pointer(engine_dir: Path, model_id: str) -> Callable[[], Path | None]:
@@ -217,7 +236,8 @@ def registry_pointer(engine_dir: Path, model_id: str) -> Callable[[], Path | Non
 
 
 def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, model_id: str,
-             cache: CacheSettings, load: Callable[[Path, int], list[Engine]]) -> Reloader:
+             cache: CacheSettings,
+             load: Callable[[Path, int | None], list[Engine]]) -> Reloader:
     """The worker's Reloader: the registry's pointer, a Redis lease when Redis is set."""
     from engines.golden import check_golden
     from workers.reload import RedisLease, Reloader
@@ -257,7 +277,7 @@ def tokenizer(
             "The fleet's default for how scores carry embeddings, for query batches that do "
             "not ask: float (JSON numbers), base64 (float32 bytes) or base64-f16."))] = "float",
     follow: Annotated[bool, typer.Option(
-        "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=_RELOAD, help=(
+        "--follow/--no-follow", envvar="QSCORE_RELOAD_FOLLOW", rich_help_panel=RELOAD_PANEL, help=(
             "Without --engine: look results up under the model's promoted version from the "
             "moment it is promoted (the workers reload onto it)."))] = True,
     reload_poll_s: ReloadPollS = _R.poll_s,
@@ -301,7 +321,11 @@ def tokenizer(
                 tokenizer.follow_poll_s = reload_poll_s
             return tokenizer
 
+        def heartbeats(tokenizer: TokenizerService) -> StatusPublisher | None:
+            return status_publisher("tokenizer", tokenizer.name, tokenizer_sample(tokenizer),
+                                    kafka, topics, service)
+
         serve(make, service, metrics_prefix="qscore_tokenizer",
-              summary=summary)  # type: ignore[arg-type]
+              summary=summary, status=heartbeats)  # type: ignore[arg-type]
     except (EngineError, TokenizerServiceError, OSError) as exc:
         fail(exc)

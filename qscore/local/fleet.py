@@ -101,6 +101,7 @@ class LocalFleet:
         import asyncio
 
         from plumbing.kafka import KafkaSettings, Topics, ensure_topics
+        from plumbing.status import ensure_status_topic
 
         try:
             if not self.bootstrap_servers:
@@ -110,8 +111,13 @@ class LocalFleet:
                 self.redis = RedisServer(workdir=self.workdir).start()
                 self.redis_url = self.redis.url
             topics = Topics.with_prefix(self.spec.topic_prefix)
-            asyncio.run(ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap_servers),
-                                      topics.all(), partitions=self.spec.partitions))
+            kafka = KafkaSettings(bootstrap_servers=self.bootstrap_servers)
+
+            async def create_topics() -> None:
+                await ensure_status_topic(kafka, topics.status)  # compacted: first
+                await ensure_topics(kafka, topics.all(), partitions=self.spec.partitions)
+
+            asyncio.run(create_topics())
             for i in range(self.spec.tokenizers):
                 self.tokenizers.append(self.service("tokenizer", i).start())
             for i in range(self.spec.workers):

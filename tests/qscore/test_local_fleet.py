@@ -129,3 +129,66 @@ def test_children_of_a_killed_parent_do_not_outlive_it(tmp_path: Path) -> None:
         assert readable, "the child outlived its SIGKILLed parent"
     finally:
         os.close(exited)
+
+
+def test_up_passes_engine_reload_and_status_options_to_the_services(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    specs: list[FleetSpec] = []
+
+    class Recorded(_StartedFleet):
+        def __init__(self, spec: FleetSpec) -> None:
+            super().__init__(spec)
+            specs.append(spec)
+
+    found: list[engines.select.EngineSettings] = []
+    monkeypatch.setattr(engines.select, "find_artifact",
+                        lambda settings: found.append(settings) or tmp_path)
+    monkeypatch.setattr(qscore.local.fleet, "LocalFleet", Recorded)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's Ctrl-C handler
+    result = CliRunner().invoke(app, [
+        "up", "--backend", "torch", "--devices", "cuda:0,cuda:1", "--threads", "2",
+        "--reload-quiet-load", "0.2", "--reload-quiet-s", "3", "--reload-deadline-s", "60",
+        "--reload-max-concurrent", "2", "--reload-poll-s", "0.5", "--status-interval-s", "0",
+    ], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert found[0].backend == "torch" and found[0].devices == ("cuda:0", "cuda:1")
+    assert "qscore status --bootstrap-servers" in result.output
+    fleet = LocalFleet(specs[0])
+    fleet.bootstrap_servers = "127.0.0.1:9092"
+    worker, tokenizer = fleet.service("worker", 0).args, fleet.service("tokenizer", 0).args
+
+    def value(args: list[str], flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args else None
+
+    for flag, expected in [("--backend", "torch"), ("--devices", "cuda:0,cuda:1"),
+                           ("--threads", "2"), ("--reload-quiet-load", "0.2"),
+                           ("--reload-quiet-s", "3.0"), ("--reload-deadline-s", "60.0"),
+                           ("--reload-max-concurrent", "2"), ("--reload-poll-s", "0.5"),
+                           ("--status-interval-s", "0.0")]:
+        assert value(worker, flag) == expected, (flag, worker)
+    # The tokenizer takes the options it has, and no engine runtime options.
+    assert value(tokenizer, "--reload-poll-s") == "0.5"
+    assert value(tokenizer, "--status-interval-s") == "0.0"
+    assert not {"--backend", "--devices", "--threads", "--reload-quiet-s"} & set(tokenizer)
+
+
+def test_up_leaves_options_not_given_to_the_services_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    specs: list[FleetSpec] = []
+    monkeypatch.setattr(engines.select, "find_artifact", lambda settings: tmp_path)
+    monkeypatch.setattr(qscore.local.fleet, "LocalFleet",
+                        lambda spec: specs.append(spec) or _StartedFleet(spec))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    for name in [name for name in os.environ if name.startswith("QSCORE_")]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(app, ["up", "--engine", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert list(specs[0].worker_args) == [] and list(specs[0].tokenizer_args) == []
+
+
+def test_up_refuses_an_unknown_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    result = CliRunner().invoke(app, ["up", "--backend", "tpu"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "--backend must be" in result.output
