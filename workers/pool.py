@@ -13,6 +13,10 @@ An engine whose call raises EngineDead, or does not return within `call_timeout_
 device call), is out of service from then on: its lanes are never handed out again, and once
 no engine is left `acquire` raises EngineDead instead of waiting, so the worker stops and a
 restart (or another host) takes over.
+
+A rolling reload on a multi-GPU host (workers.reload) changes a pool while it serves: `remove`
+takes one engine out of service gracefully (no new batch; the running ones finish; then it is
+closed and its device memory freed), `add` puts new engines in.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ from engines.protocol import Engine
 from workers.microbatcher import MicroBatch
 
 log = structlog.get_logger(__name__)
+
+
+class SlotRetired(Exception):
+    """The slot's engine was taken out of service by `remove` (not a failure): run the batch
+    on another slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,25 +121,79 @@ class EnginePool:
             if engine.manifest.version != self.manifest.version:
                 raise ValueError("all engines of a pool must be the same version")
         self.slots: list[Slot] = []
-        for i, engine in enumerate(self.engines):
-            lanes = getattr(engine, "lanes", 1)
-            if lanes < 1:
-                raise ValueError(f"engine {i} has {lanes} lanes; it needs at least one")
-            device = getattr(engine, "device", "cpu")
-            first = len(self.slots)
-            self.slots += [Slot(first + lane, i, lane, device) for lane in range(lanes)]
         # A call that takes longer than this is stuck (a hung GPU): its engine is declared dead.
         self.call_timeout_s = call_timeout_s
-        self._threads = [LaneThread(f"qscore-engine-{s.engine}-lane-{s.lane}")
-                         for s in self.slots]
-        self.slot_stats = [SlotStats() for _ in self.slots]
-        self.device_stats = {s.device: SlotStats() for s in self.slots}
+        self._threads: list[LaneThread] = []
+        self.slot_stats: list[SlotStats] = []
+        self.device_stats: dict[str, SlotStats] = {}
         self.dead: set[int] = set()  # engines out of service
+        self.removed: set[int] = set()  # engines taken out and closed (remove)
+        self._draining: set[int] = set()  # being removed: no new batch, held slots still run
+        self._closed = False
         self._stuck: set[int] = set()  # slots whose thread may never return
-        self._free = set(range(len(self.slots)))
+        self._free: set[int] = set()
         self._held: set[int] = set()
+        self._running: set[int] = set()  # slots with a call submitted and not returned
         self._in_flight: Counter[str] = Counter()  # sequences being run, per device
         self._changed = asyncio.Event()  # a slot was released or an engine died
+        for i in range(len(self.engines)):
+            self._add_slots(i)
+
+    def _add_slots(self, i: int) -> None:
+        engine = self.engines[i]
+        lanes = getattr(engine, "lanes", 1)
+        if lanes < 1:
+            raise ValueError(f"engine {i} has {lanes} lanes; it needs at least one")
+        device = getattr(engine, "device", "cpu")
+        first = len(self.slots)
+        new = [Slot(first + lane, i, lane, device) for lane in range(lanes)]
+        self.slots += new
+        self._threads += [LaneThread(f"qscore-engine-{i}-lane-{s.lane}") for s in new]
+        self.slot_stats += [SlotStats() for _ in new]
+        self.device_stats.setdefault(device, SlotStats())
+        self._free |= {s.index for s in new}
+
+    def devices(self) -> list[str]:
+        """The devices of the engines in service, in engine order."""
+        return [getattr(e, "device", "cpu") for i, e in enumerate(self.engines)
+                if i not in self.dead]
+
+    def add(self, engines: Sequence[Engine]) -> None:
+        """Put more engines of this pool's version in service."""
+        for engine in engines:
+            if engine.manifest.version != self.manifest.version:
+                raise ValueError(f"an engine of version {engine.manifest.version} cannot join "
+                                 f"a pool of {self.manifest.version}")
+            self.engines.append(engine)
+            self._add_slots(len(self.engines) - 1)
+        self._changed.set()
+
+    async def remove(self, engine: int) -> None:
+        """Take engine `engine` out of service gracefully: no new batch goes to it, the calls
+        running on it finish, then its lanes end and it is closed (its memory freed). A slot
+        of it still held (the dispatcher waits for a batch with it) gets SlotRetired."""
+        lanes = {s.index for s in self.slots if s.engine == engine}
+        if engine in self.dead:
+            raise ValueError(f"engine {engine} is out of service already")
+        self.dead.add(engine)
+        self._draining.add(engine)
+        self._free -= lanes
+        self._changed.set()
+        try:
+            while lanes & self._running:
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self._draining.discard(engine)
+        self.removed.add(engine)  # from here run() refuses its slots (before any await)
+        for i in lanes:
+            self._threads[i].stop()
+        for i in lanes:
+            await asyncio.to_thread(self._threads[i].join, self.call_timeout_s)
+        if not self._closed:  # else close() has closed it
+            await asyncio.to_thread(self.engines[engine].close)
+        log.info("engine_removed", engine=engine, device=self.slots[min(lanes)].device,
+                 slots_left=self.size)
 
     @property
     def size(self) -> int:
@@ -167,9 +230,12 @@ class EnginePool:
     async def run(self, slot: Slot, batch: MicroBatch) -> np.ndarray:
         """Run `batch` on `slot`'s lane. EngineDead takes the slot's engine out of service
         (and is raised, so the caller can run the batch elsewhere); other errors leave it in."""
-        if slot.engine in self.dead:
+        if slot.engine in self.removed:
+            raise SlotRetired(f"engine {slot.engine} on {slot.device} was taken out")
+        if slot.engine in self.dead and slot.engine not in self._draining:
             raise EngineDead(f"engine {slot.engine} on {slot.device} is out of service")
         self._in_flight[slot.device] += batch.size
+        self._running.add(slot.index)
         call = self._threads[slot.index].submit(self._call, slot, batch)
         try:
             out, busy_s = await asyncio.wait_for(call, self.call_timeout_s)
@@ -185,6 +251,8 @@ class EnginePool:
             raise
         finally:
             self._in_flight[slot.device] -= batch.size
+            self._running.discard(slot.index)
+            self._changed.set()
         # Counted here, on the loop: lanes of one device finish on different threads.
         self.slot_stats[slot.index].add(batch.size, busy_s)
         self.device_stats[slot.device].add(batch.size, busy_s)
@@ -218,6 +286,7 @@ class EnginePool:
         """Let queued calls finish (up to `timeout_s`, off the loop), then close the engines.
         An engine with a lane still stuck in a call is left unclosed: freeing a device under
         a running call can crash the process, and it is exiting anyway."""
+        self._closed = True
         for lane in self._threads:
             lane.stop()
         deadline = time.monotonic() + timeout_s
@@ -227,6 +296,8 @@ class EnginePool:
             if not await asyncio.to_thread(lane.join, left):
                 stuck.add(slot.engine)
         for i, engine in enumerate(self.engines):
+            if i in self.removed:  # closed already
+                continue
             if i in stuck:
                 log.warning("engine_not_closed", engine=i, reason="a call is still running")
                 continue

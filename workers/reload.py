@@ -45,6 +45,7 @@ import structlog
 
 from engines.errors import EngineError
 from engines.manifest import Manifest, read_manifest, swap_blockers, verify_artifact
+from engines.memory import InsufficientMemory
 from engines.protocol import Engine
 
 log = structlog.get_logger(__name__)
@@ -212,6 +213,7 @@ class ReloadStats:
     reloads: int = 0
     refused: int = 0
     transitions: int = 0  # reloads onto another tokenizer (both served for a while)
+    rolling: int = 0  # reloads one device at a time (both versions did not fit side by side)
     last_reason: str = ""
     phases_s: dict[str, float] = field(default_factory=dict)
 
@@ -220,6 +222,7 @@ class ReloadStats:
                 "reload_pending_since": self.pending_since, "reloads": float(self.reloads),
                 "reloads_refused": float(self.refused),
                 "reload_transitions": float(self.transitions),
+                "reloads_rolling": float(self.rolling),
                 **{f"reload_{k}_s": v for k, v in self.phases_s.items()}}
 
 
@@ -232,14 +235,17 @@ class Reloader:
                  lease: Lease | None = None, clock: Callable[[], float] = time.monotonic,
                  check: Callable[[Engine], Any] | None = None,
                  verify: Callable[..., Any] | None = verify_artifact,
-                 manifest_of: Callable[[Path], Manifest] = read_manifest) -> None:
+                 manifest_of: Callable[[Path], Manifest] = read_manifest,
+                 load_on: Callable[[Path, int | None, str], Engine] | None = None) -> None:
         """`current()` is the promoted artifact (None: none); `load(path, threads)` loads the
         worker's engines of it without verifying checksums again (blocking: run in a
         thread); `load_sample()` is (load fraction, queue depth) now; `check(engine)` is the
-        golden check (engines.golden.check_golden)."""
+        golden check (engines.golden.check_golden); `load_on(path, threads, device)` loads
+        one engine on one device (a rolling reload, when both versions do not fit)."""
         self.worker, self.current, self.load, self.settings = worker, current, load, settings
         self.load_sample, self.lease, self.clock = load_sample, lease, clock
         self.check, self.verify, self.manifest_of = check, verify, manifest_of
+        self.load_on = load_on
         self.controller = ReloadController(settings)
         self.pending_manifest: Manifest | None = None
         self.transition = False  # the pending version has another tokenizer: load at once
@@ -380,42 +386,111 @@ class Reloader:
         phases: dict[str, float] = {"verify": self._verify_s}
         started = time.perf_counter()
         self.stats.state = "loading"
-        loading = asyncio.ensure_future(asyncio.to_thread(self.load, path,
-                                                          self.settings.threads))
         try:  # verified already: the load does not hash the files again
-            engines = await asyncio.shield(loading)
-        except asyncio.CancelledError:  # the worker is stopping: free what the thread loads
-            loading.add_done_callback(_close_loaded)
-            raise
-        except EngineError as exc:  # does not fit, mismatched: refused
+            engines = await _in_thread(self.load, path, self.settings.threads)
+        except InsufficientMemory as exc:  # both versions do not fit side by side
+            if self.load_on is not None and len(set(_devices(self.worker))) > 1:
+                return await self._rolling(path, version, phases, started, exc)
+            return self._refuse(version, f"load failed: {exc} (a single device: the new "
+                                         "version cannot be loaded beside the serving one)")
+        except EngineError as exc:  # mismatched, unreadable: refused
             return self._refuse(version, f"load failed: {exc}")
         phases["load"] = time.perf_counter() - started
+        try:
+            await self._prepare(engines, phases)
+        except _Refused as exc:
+            return self._refuse(version, str(exc))
+        self.stats.state = "swapping"
+        try:
+            await self.worker.swap(engines)  # closes them if it refuses
+        except ValueError as exc:  # another head: restart onto it
+            return self._refuse(version, str(exc))
+        return self._done(version, phases, started)
+
+    async def _prepare(self, engines: list[Engine], phases: dict[str, float], *,
+                       check: bool = True) -> None:
+        """Warm up and golden-check loaded engines, timing each phase; _Refused (the engines
+        closed) when one fails."""
         for engine in engines:  # the runtime's own phases (read, copy, build, capture, ...)
             for name, seconds in getattr(engine, "load_phases", {}).items():
-                if name != "verify":  # verified above, before the window
+                if name != "verify":  # verified before the window
                     phases[f"load_{name}"] = phases.get(f"load_{name}", 0.0) + seconds
         warm = time.perf_counter()
         try:
             for engine in engines:
                 await asyncio.to_thread(engine.health)
         except EngineError as exc:
-            for engine in engines:
-                engine.close()
-            return self._refuse(version, f"warm-up failed: {exc}")
-        phases["warmup"] = time.perf_counter() - warm
-        self.stats.state = "checking"
-        if self.check is not None:
+            _close_all(engines)
+            raise _Refused(f"warm-up failed: {exc}") from None
+        phases["warmup"] = phases.get("warmup", 0.0) + time.perf_counter() - warm
+        if check and self.check is not None:
+            self.stats.state = "checking"
             report = await asyncio.to_thread(self.check, engines[0])
             phases["check"] = report.seconds
             if not report.ok:
-                for engine in engines:
-                    engine.close()
-                return self._refuse(version, report.reason)
+                _close_all(engines)
+                raise _Refused(report.reason)
+
+    async def _rolling(self, path: Path, version: str, phases: dict[str, float],
+                       started: float, why: EngineError) -> bool:
+        """Both versions do not fit on a device: one device at a time, while the others
+        serve. The first device's old engine is closed, the new one loaded and checked there
+        and swapped in (the old version keeps its other devices until its queued batches are
+        done, then they are freed), then the new version is loaded on each other device."""
+        worker: Any = self.worker
+        devices: list[str] = _devices(worker)
+        first, rest = devices[0], devices[1:]
+        old_path = worker.serving_path()
+        log.warning("reload_rolling", promoted=version, devices=devices,
+                    reason=f"both versions do not fit side by side: {why}")
+        await worker.remove_device(first)
+        assert self.load_on is not None
+        try:
+            try:
+                engine = await _in_thread(self.load_on, path, self.settings.threads, first)
+            except EngineError as exc:
+                raise _Refused(f"load on {first} failed: {exc}") from None
+            phases["load"] = time.perf_counter() - started
+            await self._prepare([engine], phases)
+        except _Refused as exc:
+            await self._restore(old_path, first)
+            return self._refuse(version, f"rolling reload, {exc}")
         self.stats.state = "swapping"
         try:
-            await self.worker.swap(engines)  # closes them if it refuses
-        except ValueError as exc:  # another head: restart onto it
+            await worker.swap([engine])
+        except ValueError as exc:
+            await self._restore(old_path, first)
             return self._refuse(version, str(exc))
+        await worker.retired()  # the old version's engines on the other devices are freed
+        for device in rest:
+            self.stats.state = "loading"
+            try:
+                try:
+                    more = await _in_thread(self.load_on, path, self.settings.threads, device)
+                except EngineError as exc:
+                    raise _Refused(f"load failed: {exc}") from None
+                await self._prepare([more], phases, check=False)
+            except _Refused as exc:  # serving on fewer devices beats not serving
+                self.stats.last_reason = f"{version} on {device}: {exc}"
+                log.error("reload_device_failed", version=version, device=device,
+                          reason=str(exc), serving_on=_devices(worker))
+                continue
+            worker.add_engines([more])
+        self.stats.rolling += 1
+        return self._done(version, phases, started)
+
+    async def _restore(self, old_path: Path | None, device: str) -> None:
+        """Put the serving version back on `device` after a failed rolling step."""
+        try:
+            if old_path is None or self.load_on is None:
+                raise EngineError("no artifact to reload the serving version from")
+            engine = await _in_thread(self.load_on, old_path, self.settings.threads, device)
+            self.worker.add_engines([engine])  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.error("reload_restore_failed", device=device,
+                      error=f"{type(exc).__name__}: {exc}", serving_on=_devices(self.worker))
+
+    def _done(self, version: str, phases: dict[str, float], started: float) -> bool:
         phases["total"] = time.perf_counter() - started
         self.stats.phases_s = {k: round(v, 3) for k, v in phases.items()}
         self.stats.reloads += 1
@@ -441,8 +516,32 @@ class Reloader:
         return False
 
 
-def _close_loaded(loading: asyncio.Future[list[Engine]]) -> None:
+class _Refused(Exception):
+    """A loaded version failed a step; the message is the reason."""
+
+
+def _devices(worker: Any) -> list[str]:
+    return worker.devices() if hasattr(worker, "devices") else []
+
+
+def _close_all(engines: list[Engine]) -> None:
+    for engine in engines:
+        with contextlib.suppress(Exception):
+            engine.close()
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a thread; cancelled (the worker is stopping), what it loads is closed
+    when it returns, not leaked."""
+    loading = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(loading)
+    except asyncio.CancelledError:
+        loading.add_done_callback(_close_loaded)
+        raise
+
+
+def _close_loaded(loading: asyncio.Future[Any]) -> None:
     if not loading.cancelled() and loading.exception() is None:
-        for engine in loading.result():
-            with contextlib.suppress(Exception):
-                engine.close()
+        result = loading.result()
+        _close_all(result if isinstance(result, list) else [result])

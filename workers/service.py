@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -39,7 +40,7 @@ from schemas import (
 )
 from workers.assemble import score_arrays
 from workers.microbatcher import BatcherSettings, MicroBatch, MicroBatcher, Priority
-from workers.pool import EnginePool, Slot
+from workers.pool import EnginePool, Slot, SlotRetired
 from workers.reload import Reloader
 
 log = structlog.get_logger(__name__)
@@ -246,6 +247,31 @@ class ScoringWorker:
             finally:
                 waiting.cancel()
         return generation
+
+    # -- a rolling reload, one device at a time (workers.reload) -----------------------------
+    def devices(self) -> list[str]:
+        """The devices the serving engines run on."""
+        return self.pool.devices()
+
+    def serving_path(self) -> Path | None:
+        """The serving version's artifact directory (None: engines without one, in tests)."""
+        return next((e.path for e in self.pool.engines if getattr(e, "path", None)), None)
+
+    async def remove_device(self, device: str) -> None:
+        """Take the serving engine on `device` out of service once its batches are done, and
+        close it (its memory freed); the other devices keep serving."""
+        pool = self.pool
+        index = next((i for i, e in enumerate(pool.engines) if i not in pool.dead
+                      and getattr(e, "device", "cpu") == device), None)
+        if index is None:
+            raise ValueError(f"no serving engine on {device}")
+        if pool.size <= getattr(pool.engines[index], "lanes", 1):
+            raise ValueError("the last serving engine cannot be removed")
+        await pool.remove(index)
+
+    def add_engines(self, engines: Sequence[Engine]) -> None:
+        """Put more engines of the serving version in service (on other devices)."""
+        self.pool.add(engines)
 
     async def retired(self) -> None:
         """Wait until every retired generation's engines are closed."""
@@ -462,7 +488,9 @@ class ScoringWorker:
             except BaseException:
                 pool.release(slot)
                 raise
-            if self.pools.get(batch.generation) is not pool:
+            # Another generation's batch, or the slot's engine taken out meanwhile (a rolling
+            # reload): a slot that can run it.
+            if self.pools.get(batch.generation) is not pool or slot.engine in pool.dead:
                 pool.release(slot)
                 pool = self.pools[batch.generation]
                 slot = await self._acquire(pool)
@@ -501,6 +529,13 @@ class ScoringWorker:
     async def _score(self, pool: EnginePool, slot: Slot, batch: MicroBatch) -> None:
         try:
             outputs = await pool.run(slot, batch)
+        except SlotRetired:  # its engine was taken out (a rolling reload): another slot
+            other = await self._acquire(pool)
+            try:
+                await self._score(pool, other, batch)
+            finally:
+                pool.release(other)
+            return
         except EngineDead as exc:
             if not pool.size:
                 self.stats.engine_errors += 1

@@ -196,19 +196,31 @@ def worker(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--reload-window") from None
 
-    def reload_engines(path: Path, threads: int | None) -> list[Engine]:
-        """A promoted version's engines, as the serving ones are: the same devices, and the
-        same threads (verified already: not hashed again)."""
+    def reload_engine_on(path: Path, threads: int | None, device: str) -> Engine:
+        """A promoted version's engine on `device`, as the serving ones are (threads, lanes;
+        verified already: not hashed again), its weights copied at the capped rate."""
         assert reload is not None
         cap = None if reload.copy_mb_per_s is None else reload.copy_mb_per_s * 1e6
-        return [load_for(settings_, path, e.device, threads=threads or per_engine, verify=False,
-                         load_max_bytes_per_s=cap) for e in loaded]
+        return load_for(settings_, path, device, threads=threads or per_engine, verify=False,
+                        load_max_bytes_per_s=cap)
+
+    def reload_engines(path: Path, threads: int | None) -> list[Engine]:
+        """One per serving engine, on its device; none left open if one fails."""
+        out: list[Engine] = []
+        try:
+            for e in loaded:
+                out.append(reload_engine_on(path, threads, e.device))
+        except BaseException:
+            for engine in out:
+                engine.close()
+            raise
+        return out
 
     def make() -> ScoringWorker:
         worker = ScoringWorker(settings, loaded)
         if reload is not None:
             worker.reloader = follower(worker, reload, service.engine_dir, manifest.model_id,
-                                       service.cache, reload_engines)
+                                       service.cache, reload_engines, reload_engine_on)
         return worker
 
     def heartbeats(worker: ScoringWorker) -> StatusPublisher | None:
@@ -237,7 +249,8 @@ def registry_pointer(engine_dir: Path, model_id: str) -> Callable[[], Path | Non
 
 def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, model_id: str,
              cache: CacheSettings,
-             load: Callable[[Path, int | None], list[Engine]]) -> Reloader:
+             load: Callable[[Path, int | None], list[Engine]],
+             load_on: Callable[[Path, int | None, str], Engine] | None = None) -> Reloader:
     """The worker's Reloader: the registry's pointer, a Redis lease when Redis is set."""
     from engines.golden import check_golden
     from workers.reload import RedisLease, Reloader
@@ -255,7 +268,7 @@ def follower(worker: ScoringWorker, reload: ReloadSettings, engine_dir: Path, mo
         lease = RedisLease(client, f"{cache.key_prefix}:reload:{model_id}",
                            reload.max_concurrent, reload.lease_s)
     return Reloader(worker, current, load, reload, load_sample=worker.load_sample,
-                    lease=lease, check=check_golden)
+                    lease=lease, check=check_golden, load_on=load_on)
 
 
 def tokenizer(

@@ -20,7 +20,7 @@ from engines.batch import PaddedBatch, pad_sequences
 from engines.errors import EngineDead, EngineError
 from schemas import TokenBatch
 from workers.microbatcher import BatcherSettings
-from workers.pool import EnginePool, Slot
+from workers.pool import EnginePool, Slot, SlotRetired
 
 WAIT_S = 5  # only a failing test ever waits this long
 
@@ -229,6 +229,36 @@ async def test_engine_dead_takes_its_lanes_out_of_service() -> None:
     assert (await asyncio.wait_for(waiter, WAIT_S)).device != "cuda:1"
     await pool.close()
     assert all(e.closed for e in engines)
+
+
+async def test_remove_lets_running_calls_finish_then_closes_and_add_puts_engines_in() -> None:
+    engines = gpus(2)
+    pool = EnginePool(engines)
+    engines[0].gate.clear()  # cuda:0's calls wait
+    held = await acquire_all(pool, 4)
+    running, idle = held[0], held[2]  # both cuda:0: one runs a call, one is only held
+    call = asyncio.create_task(pool.run(running, FakeBatch(2)))  # type: ignore[arg-type]
+    await entered(engines[0])
+    removing = asyncio.create_task(pool.remove(0))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not removing.done() and not engines[0].closed  # its call is still running
+    assert pool.size == 2 and pool.devices() == ["cuda:1"]  # but no new batch goes there
+    engines[0].gate.set()
+    assert (await asyncio.wait_for(call, WAIT_S))[0].tolist() == [0, 0]
+    await asyncio.wait_for(removing, WAIT_S)
+    assert engines[0].closed
+    with pytest.raises(SlotRetired):  # a slot held meanwhile is refused, not run
+        await pool.run(idle, FakeBatch(1))  # type: ignore[arg-type]
+    for slot in held:
+        pool.release(slot)
+    pool.add([FakeEngine(7, "cuda:0", lanes=1)])
+    assert sorted(pool.devices()) == ["cuda:0", "cuda:1"] and pool.size == 3
+    with pytest.raises(ValueError, match="cannot join"):
+        pool.add([FakeEngine(8, "cuda:2", version="v2")])
+    assert {s.device for s in await acquire_all(pool, 3)} == {"cuda:0", "cuda:1"}
+    await pool.close()
+    assert all(e.closed for e in pool.engines)
 
 
 async def test_plain_engine_error_keeps_the_slot_in_service() -> None:
