@@ -80,16 +80,11 @@ def write_golden(engine: Engine, work: Path) -> Path:
     return path
 
 
-def check_golden(engine: Engine, *, chunk: int | None = None, duty: float = 1.0) -> GoldenReport:
+def check_golden(engine: Engine) -> GoldenReport:
     """Run the artifact's golden inputs through `engine` and compare with the stored outputs.
 
-    `chunk` rows per engine call (None: one call), resting after each call so the engine is
-    busy at most `duty` of the time (a hot reload checks beside serving engines: a burst on
-    shared cores is a latency spike). Raises ArtifactError when the artifact has no golden set
-    (built before it existed: rebuild it) or an unreadable one; a mismatch is a report with
-    ok=False and the reason."""
-    if not 0 < duty <= 1:
-        raise ValueError(f"duty must be in (0, 1], got {duty}")
+    Raises ArtifactError when the artifact has no golden set (built before it existed: rebuild
+    it) or an unreadable one; a mismatch is a report with ok=False and the reason."""
     m = engine.manifest
     path = engine.path / GOLDEN_FILE
     if not path.is_file():
@@ -104,7 +99,7 @@ def check_golden(engine: Engine, *, chunk: int | None = None, duty: float = 1.0)
         raise ArtifactError(engine.path, f"{GOLDEN_FILE} is unreadable: {exc}") from None
     started = time.perf_counter()
     try:
-        got = _run_paced(engine, batch, chunk or len(batch.input_ids), duty)
+        got = np.asarray(engine.run(batch), dtype=np.float32)
     except Exception as exc:  # a broken engine fails its check, it does not crash the caller
         return _report(m.head, m.precision, float("nan"), len(expected), started,
                        f"the engine failed on the golden set: {type(exc).__name__}: {exc}")
@@ -116,19 +111,6 @@ def check_golden(engine: Engine, *, chunk: int | None = None, duty: float = 1.0)
     else:
         worst = float(np.abs(got.reshape(-1) - expected.reshape(-1)).max())
     return _report(m.head, m.precision, worst, len(expected), started)
-
-
-def _run_paced(engine: Engine, batch: PaddedBatch, chunk: int, duty: float) -> np.ndarray:
-    parts = []
-    for start in range(0, len(batch.input_ids), chunk):
-        rows = slice(start, start + chunk)
-        began = time.perf_counter()
-        parts.append(np.asarray(engine.run(PaddedBatch(
-            batch.input_ids[rows], batch.attention_mask[rows], batch.token_type_ids[rows])),
-            dtype=np.float32))
-        if duty < 1 and start + chunk < len(batch.input_ids):
-            time.sleep((time.perf_counter() - began) * (1 / duty - 1))
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _report(head: str, precision: str, worst: float, n: int, started: float,

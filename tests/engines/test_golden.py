@@ -45,25 +45,6 @@ def test_the_engine_that_was_built_passes_its_golden_check(
     assert check_golden(classifier_engine).metric == "max_prob_diff"
 
 
-def test_a_paced_check_runs_in_chunks_and_agrees_with_one_call(default_engine: Engine) -> None:
-    sizes: list[int] = []
-
-    class Counting:
-        manifest, path = default_engine.manifest, default_engine.path
-
-        def run(self, batch, lane=0):  # type: ignore[no-untyped-def]
-            sizes.append(len(batch.input_ids))
-            return default_engine.run(batch, lane)
-
-    whole = check_golden(default_engine)
-    paced = check_golden(Counting(), chunk=8, duty=0.5)  # type: ignore[arg-type]
-    assert sizes == [8] * (GOLDEN_QUERIES // 8) + ([GOLDEN_QUERIES % 8] if GOLDEN_QUERIES % 8
-                                                    else [])
-    assert paced.ok and abs(paced.worst - whole.worst) < 1e-6
-    with pytest.raises(ValueError, match="duty"):
-        check_golden(default_engine, duty=0)
-
-
 class _Skewed:
     """An engine whose outputs drift (another model, a bad kernel): same shapes, wrong values."""
 
