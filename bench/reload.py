@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -49,6 +51,7 @@ class Run:
     switched_at: float = 0.0  # when the last old-version score was sent
     lost: int = 0
     errors: int = 0
+    phases: list[dict[str, float]] = field(default_factory=list)  # per worker's reload_done
 
 
 def versions(root: Path) -> tuple[str, str, str]:
@@ -185,10 +188,43 @@ def scenario(name: str, load: float, env: dict[str, str], root: Path, model: str
                 run.switched_at = time.perf_counter()  # both restarted (B serving once up)
 
         asyncio.run(stream(fleet.bootstrap_servers, prefix, queries, rate, seconds, run, tick))
+        run.phases = [phases for w in fleet.workers for phases in reload_phases(w.log_path)]
     old_sent = [s for s, _, v in run.latency if v == a and s >= run.promoted_at]
     if not restart:  # when the last score of A was asked for
         run.switched_at = max(old_sent) if old_sent else run.promoted_at
     return run
+
+
+def reload_phases(log_path: Path) -> list[dict[str, float]]:
+    """The phase timings of each `reload_done` a worker logged (console or JSON lines)."""
+    out = []
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        if "reload_done" not in line:
+            continue
+        if line.lstrip().startswith("{"):
+            fields = {k: v for k, v in json.loads(line).items() if isinstance(v, int | float)}
+        else:
+            fields = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)(?:\s|$)", line)}
+        out.append({k: float(v) for k, v in fields.items()})
+    return out
+
+
+PHASES = ("verify", "load_read", "load_session", "load_copy", "load_build", "load_capture",
+          "load", "warmup", "check_load", "check", "total")
+
+
+def phase_rows(runs: list[Run]) -> list[list[str]]:
+    """One row per scenario: each phase's seconds, median over the workers that reloaded."""
+    rows = []
+    for run in runs:
+        if not run.phases:
+            continue
+        cells = []
+        for name in PHASES:
+            got = [p[name] for p in run.phases if name in p]
+            cells.append(f"{np.median(got):.3f}" if got else "-")
+        rows.append([run.name, str(len(run.phases)), *cells])
+    return rows
 
 
 def summary(run: Run, a: str, b: str) -> list[str]:
@@ -243,6 +279,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--promote-at", type=float, default=12)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--scenarios", default="abc",
+                        help="which of (a) (b) (c) to run, e.g. 'a' to repeat the first")
     args = parser.parse_args()
     from plumbing.logs import configure_logging
 
@@ -258,6 +296,8 @@ def main() -> None:
     for name, load, env, restart in (("(a) reload controller", 0.3, fast, False),
                                      ("(b) forced reload", 0.9, forced, False),
                                      ("(c) restart each worker", 0.3, fast, True)):
+        if name[1] not in args.scenarios:
+            continue
         model, a, b = versions(root)  # A promoted again before each scenario
         runs.append(scenario(name, load, env, root, model, a, b, queries, args.seconds,
                              args.promote_at, restart=restart))
@@ -266,6 +306,8 @@ def main() -> None:
         ["scenario", "offered load", "p50 before", "p99 before", "p50 during", "p99 during",
          "p99 during / before", "seconds to switch", "lost", "errors", "versions after"],
         [summary(r, a, b) for r in runs])
+    phase_table = markdown_table(["scenario", "workers", *(f"{p} s" for p in PHASES)],
+                                 phase_rows(runs))
     plotted = not args.no_write and plot(runs, DOCS / "reload.png")
     body = (
         "## Hot reload under load (`bench/reload.py`)\n\n"
@@ -278,6 +320,11 @@ def main() -> None:
         "+ 2 s. Reload options for a bench: poll 0.5 s, jitter up to 1 s, quiet for 3 s "
         "below 50% load; (b) forces it (quiet load 1.0, deadline 1 s).\n\n"
         f"{table}\n\n"
+        "Phases of each reload (seconds, median over the workers; from their `reload_done` "
+        "log lines; `verify` runs paced as soon as the promotion is seen, before the window; "
+        "`load` includes ONNX Runtime's `load_read` and `load_session`, GPU runtimes report "
+        "`load_copy`, `load_build`, `load_capture`):\n\n"
+        f"{phase_table}\n\n"
         + ("![latency over time](reload.png)\n\n" if plotted else "")
         + f"Command: `.venv/bin/python bench/reload.py --seconds {args.seconds:g} "
           f"--promote-at {args.promote_at:g}`\n")

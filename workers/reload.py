@@ -70,6 +70,10 @@ class ReloadSettings:
     # GPU runtimes copy the new weights to the device at most this fast (MB/s; None: as fast
     # as the bus goes), in chunks on a low-priority stream, beside the serving engine's copies.
     copy_mb_per_s: float | None = 1000.0
+    # CPU engines: the golden check runs on a session of its own with this many threads
+    # (None: on the new serving engines). The check is the longest step in the window, and
+    # on the serving engines' threads it takes every core from the engines still serving.
+    check_threads: int | None = 1
     # Checksums of a promoted version are verified as soon as it is seen, paced at this rate
     # (a burst of hashing beside the serving engines is a latency spike on a small host).
     verify_mb_per_s: float = 100.0
@@ -397,7 +401,9 @@ class Reloader:
             return self._refuse(version, f"load failed: {exc}")
         phases["load"] = time.perf_counter() - started
         try:
-            await self._prepare(engines, phases)
+            if self._separate_check():
+                await self._check_apart(path, phases, engines)
+            await self._prepare(engines, phases, check=not self._separate_check())
         except _Refused as exc:
             return self._refuse(version, str(exc))
         self.stats.state = "swapping"
@@ -406,6 +412,31 @@ class Reloader:
         except ValueError as exc:  # another head: restart onto it
             return self._refuse(version, str(exc))
         return self._done(version, phases, started)
+
+    def _separate_check(self) -> bool:
+        return (self.settings.check_threads is not None and self.load_on is not None
+                and self.check is not None and set(_devices(self.worker)) == {"cpu"})
+
+    async def _check_apart(self, path: Path, phases: dict[str, float],
+                           engines: list[Engine]) -> None:
+        """The golden check on a session of `check_threads` (CPU), closed after it."""
+        assert self.load_on is not None and self.check is not None
+        began = time.perf_counter()
+        try:
+            checker = await _in_thread(self.load_on, path, self.settings.check_threads, "cpu")
+        except EngineError as exc:
+            _close_all(engines)
+            raise _Refused(f"load failed: {exc}") from None
+        phases["check_load"] = time.perf_counter() - began
+        self.stats.state = "checking"
+        try:
+            report = await asyncio.to_thread(self.check, checker)
+        finally:
+            _close_all([checker])
+        phases["check"] = report.seconds
+        if not report.ok:
+            _close_all(engines)
+            raise _Refused(report.reason)
 
     async def _prepare(self, engines: list[Engine], phases: dict[str, float], *,
                        check: bool = True) -> None:

@@ -248,3 +248,24 @@ async def test_a_tokenbatch_of_a_promotion_not_polled_yet_makes_the_reloader_pol
         assert await asyncio.wait_for(reloader.expecting("tok-z"), 2) is False
     finally:
         task.cancel()
+
+
+async def test_on_cpu_the_golden_check_runs_on_a_one_thread_session_of_its_own() -> None:
+    pointer: list[str | None] = ["v2"]
+    reloader, worker, loaded = _reloader(pointer)
+    worker.devices = lambda: ["cpu"]  # type: ignore[attr-defined]
+    checked: list[tuple[FakeEngine, int | None]] = []
+    checkers: list[FakeEngine] = []
+
+    def load_on(path: Path, threads: int | None, device: str) -> FakeEngine:
+        checkers.append(FakeEngine(path.name))
+        checkers[-1].threads = threads  # type: ignore[attr-defined]
+        return checkers[-1]
+
+    original = reloader.check
+    reloader.check = lambda e: (checked.append((e, e.threads)), original(e))[1]  # type: ignore[assignment,attr-defined,misc]
+    reloader.load_on = load_on  # type: ignore[assignment]
+    assert await _steps(reloader, [0, 1, 2]) == [False, False, True]
+    assert checked == [(checkers[0], 1)]  # not on the serving engines' threads
+    assert checkers[0].closed and not loaded[0].closed and worker.swapped == ["v2"]
+    assert {"check_load", "check", "warmup"} <= set(reloader.stats.phases_s)
