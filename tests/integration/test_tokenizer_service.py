@@ -39,8 +39,7 @@ from schemas import (
     encode_query_batch,
 )
 from tests.engine_fixtures import copy_version, retokenized_version
-from tests.tokenizer_svc.gated import gated
-from tokenizer_svc.pool import TokenizerPool
+from tests.tokenizer_svc.gated import hold_new_pools
 from tokenizer_svc.service import TokenizerService, TokenizerServiceSettings
 from tokenizer_svc.units import item_keys, sequence_keys
 
@@ -502,15 +501,8 @@ async def test_stop_while_a_new_tokenizer_pool_starts_leaves_no_process(
     registry, model = _follow_registry(default_engine_path, tmp_path / "registry")
     retokenized_version(default_engine_path, registry.root, "v2")
     gate = tmp_path / "gate"
-    starting: list[TokenizerPool] = []
-    new_pool = TokenizerService._new_pool
-
-    def held(self: TokenizerService, *args: object) -> TokenizerPool:
-        starting.append(gated(new_pool(self, *args), gate))  # type: ignore[arg-type]
-        return starting[-1]
-
     service = _following(kafka, topics, registry, model, cache=CacheSettings())
-    monkeypatch.setattr(TokenizerService, "_new_pool", held)  # after v1's pool was made
+    starting = hold_new_pools(monkeypatch, gate)  # after v1's pool was made
     batch = QueryBatch("during", ITEMS, submitted_at=time.time())
     await _publish(kafka, [(topics.queries, encode_query_batch(batch))])
     await service.start()

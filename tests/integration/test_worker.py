@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,6 +53,39 @@ async def read_all(bootstrap: str, topic: str, count: int) -> list[bytes]:
         return out
     finally:
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def worker_running(worker: ScoringWorker, bootstrap: str) -> AsyncIterator[Any]:
+    """`worker` started and running, and a started producer to feed it; on leaving, the
+    worker is asked to stop, drains and is stopped (and the producer too)."""
+    producer = make_producer(kafka(bootstrap))
+    await worker.start()
+    await producer.start()
+    try:
+        run = asyncio.create_task(worker.run())
+        yield producer
+        worker.request_stop()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await producer.stop()
+        await worker.stop()
+
+
+async def publish_token_batches(producer: Any, topic: str, tbs: list[TokenBatch]) -> None:
+    """Send `tbs` (keyed by batch id) and wait for every acknowledgement."""
+    await asyncio.gather(*[await producer.send(topic, encode_token_batch(tb),
+                                               key=tb.batch_id.encode()) for tb in tbs])
+
+
+def versions_scored(values: list[bytes], tbs: list[TokenBatch]) -> dict[str, set[str]]:
+    """The model versions in each TokenBatch's scores, asserting each was scored exactly once
+    and never by two versions."""
+    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
+    assert sorted(batches) == sorted(tb.batch_id for tb in tbs)  # nothing lost, none twice
+    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    assert all(len(v) == 1 for v in versions.values()), versions  # never mixed
+    return versions
 
 
 def tokenize(engine: Engine, items: list[QueryItem], batch_id: str) -> TokenBatch:

@@ -18,7 +18,15 @@ from plumbing.cache import CacheSettings
 from plumbing.kafka import make_producer
 from qscore.cli.services import follower
 from schemas import QueryItem, decode_score_batch, encode_token_batch
-from tests.integration.test_worker import _topics, kafka, read_all, tokenize
+from tests.integration.test_worker import (
+    _topics,
+    kafka,
+    publish_token_batches,
+    read_all,
+    tokenize,
+    versions_scored,
+    worker_running,
+)
 from workers.reload import ReloadSettings
 from workers.service import ScoringWorker, WorkerSettings
 
@@ -78,17 +86,8 @@ async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
     reloader._refuse = refuse  # type: ignore[method-assign]
     items = [QueryItem(id=f"q{i}", query=f"cheap flights to city {i}") for i in range(5)]
     tbs = [tokenize(engine, items, f"b{n:02d}") for n in range(30)]
-    producer = make_producer(kafka(kafka_bootstrap))
-    await worker.start()
-    await producer.start()
-    try:
-        run = asyncio.create_task(worker.run())
-
-        async def publish(part: list) -> None:  # type: ignore[type-arg]
-            await asyncio.gather(*[await producer.send(
-                topics.tokens, encode_token_batch(tb), key=tb.batch_id.encode()) for tb in part])
-
-        await publish(tbs[:10])
+    async with worker_running(worker, kafka_bootstrap) as producer:
+        await publish_token_batches(producer, topics.tokens, tbs[:10])
         # Promoted intact, then rotted on the shared volume: the worker refuses it and v1
         # keeps serving.
         registry.promote(model, "v3-corrupt", smoke=False)
@@ -99,23 +98,15 @@ async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
             f.write(bytes([byte[0] ^ 0xFF]))
         await asyncio.wait_for(refused.wait(), 30)
         assert worker.manifest.version == "v1" and "checksum" in reloader.stats.last_reason
-        await publish(tbs[10:20])
+        await publish_token_batches(producer, topics.tokens, tbs[10:20])
         registry.promote(model, "v2", smoke=False)
         await asyncio.wait_for(swapped.wait(), 30)
         assert worker.manifest.version == "v2" and reloader.stats.reloads == 1
-        await publish(tbs[20:])
+        await publish_token_batches(producer, topics.tokens, tbs[20:])
         values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
-        worker.request_stop()
-        await asyncio.wait_for(run, 30)
-    finally:
-        await producer.stop()
-        await worker.stop()
-    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
-    assert sorted(batches) == [tb.batch_id for tb in tbs]  # nothing lost, none twice
-    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    versions = versions_scored(values, tbs)
     assert all(versions[tb.batch_id] == {"v1"} for tb in tbs[:10])
     assert all(versions[tb.batch_id] == {"v2"} for tb in tbs[20:])
-    assert all(len(v) == 1 for v in versions.values())
     assert worker.online.stats.dead_letters == 0
     assert {"reload_state", "reloads", "reloads_refused"} <= set(reloader.stats.metrics())
 
@@ -232,29 +223,13 @@ async def test_a_promotion_with_another_tokenizer_is_loaded_at_once_and_both_are
            + [tokenize(new, items, f"b{n:02d}") for n in range(10, 20)]  # type: ignore[arg-type]
            + [tokenize(engine, items, f"b{n:02d}") for n in range(20, 30)])
     assert tbs[10].tokenizer_id != tbs[0].tokenizer_id
-    producer = make_producer(kafka(kafka_bootstrap))
-    await worker.start()
-    await producer.start()
-    try:
-        run = asyncio.create_task(worker.run())
-
-        async def publish(part: list) -> None:  # type: ignore[type-arg]
-            await asyncio.gather(*[await producer.send(
-                topics.tokens, encode_token_batch(tb), key=tb.batch_id.encode()) for tb in part])
-
-        await publish(tbs[:10])
+    async with worker_running(worker, kafka_bootstrap) as producer:
+        await publish_token_batches(producer, topics.tokens, tbs[:10])
         await read_all(kafka_bootstrap, topics.scores, 10)
         registry.promote(model, "v3-retokenized", smoke=False)
-        await publish(tbs[10:])
+        await publish_token_batches(producer, topics.tokens, tbs[10:])
         values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
-        worker.request_stop()
-        await asyncio.wait_for(run, 30)
-    finally:
-        await producer.stop()
-        await worker.stop()
-    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
-    assert sorted(batches) == [tb.batch_id for tb in tbs]  # nothing lost, none twice
-    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    versions = versions_scored(values, tbs)
     assert all(versions[tb.batch_id] == {"v1"} for tb in tbs[:10] + tbs[20:])
     assert all(versions[tb.batch_id] == {"v3-retokenized"} for tb in tbs[10:20])
     assert worker.online.stats.dead_letters == 0

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from engines.batch import PaddedBatch
 from engines.golden import GoldenReport
 from engines.loader import load_engine
 from engines.memory import InsufficientMemory
@@ -21,9 +19,10 @@ from engines.protocol import Engine
 from plumbing.cache import CacheSettings
 from plumbing.kafka import make_producer
 from qscore.cli.services import follower
-from schemas import QueryItem, decode_score_batch, encode_token_batch
-from tests.integration.test_worker import _topics, kafka, read_all, tokenize
+from schemas import QueryItem, encode_token_batch
+from tests.integration.test_worker import _topics, kafka, read_all, tokenize, versions_scored
 from tests.integration.test_worker_follow import _registry
+from tests.integration.test_worker_swap import Relabelled
 from workers.reload import ReloadSettings
 from workers.service import ScoringWorker, WorkerSettings
 
@@ -32,24 +31,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = ("gpu:0", "gpu:1")
 
 
-class OnDevice:
-    """A loaded engine labelled as running on `device`; records that it was closed."""
+class OnDevice(Relabelled):
+    """A loaded engine labelled as running on `device` (one lane); records its closing."""
 
     def __init__(self, engine: Engine, device: str) -> None:
-        self._engine, self.device = engine, device
-        self.manifest, self.path, self.lanes = engine.manifest, engine.path, 1
-        self.closed = False
-
-    def run(self, batch: PaddedBatch, lane: int = 0) -> np.ndarray:
-        assert not self.closed, f"a closed engine on {self.device} was called"
-        return self._engine.run(batch, lane)
-
-    def health(self) -> None:
-        self._engine.health()
-
-    def close(self) -> None:
-        self.closed = True
-        self._engine.close()
+        super().__init__(engine, engine.manifest.version)
+        self.device, self.lanes = device, 1
 
 
 @pytest.mark.parametrize("golden_ok", [True, False], ids=["swapped", "refused"])
@@ -109,10 +96,7 @@ async def test_a_version_that_does_not_fit_beside_the_old_is_rolled_one_device_a
     finally:
         await producer.stop()
         await worker.stop()
-    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
-    assert sorted(batches) == [tb.batch_id for tb in tbs]  # nothing lost, none twice
-    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
-    assert all(len(v) == 1 for v in versions.values())  # never mixed within a TokenBatch
+    versions = versions_scored(values, tbs)  # each once, never by two versions
     assert worker.online.stats.dead_letters == 0
     assert sorted(serving_on) == sorted(DEVICES)  # every device serves again
     stats = reloader.stats

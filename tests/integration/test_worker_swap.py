@@ -16,9 +16,16 @@ import pytest
 from engines.batch import PaddedBatch
 from engines.loader import load_engine
 from engines.protocol import Engine
-from plumbing.kafka import make_producer
 from schemas import QueryItem, decode_score_batch, encode_token_batch
-from tests.integration.test_worker import _topics, kafka, read_all, tokenize
+from tests.integration.test_worker import (
+    _topics,
+    kafka,
+    publish_token_batches,
+    read_all,
+    tokenize,
+    versions_scored,
+    worker_running,
+)
 from tests.waiting import until
 from workers.microbatcher import BatcherSettings
 from workers.service import ScoringWorker, WorkerSettings
@@ -67,11 +74,7 @@ async def test_a_swap_while_serving_loses_nothing_and_labels_every_batch_with_on
     items = [QueryItem(id=f"q{i}", query=f"query {i} about red shoes", docs=("red shoes",))
              for i in range(4)]
     tbs = [tokenize(old, items, f"b{n:03d}") for n in range(60)]
-    producer = make_producer(kafka(kafka_bootstrap))
-    await worker.start()
-    await producer.start()
-    try:
-        run = asyncio.create_task(worker.run())
+    async with worker_running(worker, kafka_bootstrap) as producer:
         sends = [await producer.send(topics.tokens, encode_token_batch(tb),
                                      key=tb.batch_id.encode()) for tb in tbs[:30]]
         await asyncio.gather(*sends)
@@ -85,11 +88,6 @@ async def test_a_swap_while_serving_loses_nothing_and_labels_every_batch_with_on
         await asyncio.wait_for(worker.retired(), 30)
         assert old.closed and not new.closed  # the old engines go once their work is done
         assert len(worker.pools) == 1
-        worker.request_stop()
-        await asyncio.wait_for(run, 30)
-    finally:
-        await producer.stop()
-        await worker.stop()
     batches = [decode_score_batch(v) for v in values]
     assert sorted(b.batch_id for b in batches) == [tb.batch_id for tb in tbs]  # each once
     versions = {b.batch_id: {it.model_version for it in b.items} for b in batches}
@@ -120,17 +118,8 @@ async def test_another_tokenizer_is_served_beside_the_old_until_its_batches_stop
     # b000-b009 before the swap (old tokenizer); b010-b019 after it from tokenizers that
     # switched; b020-b029 after it, old tokenizer's, still in the topic.
     tbs[10:20] = [replace(tb, tokenizer_id="another-tokenizer@1") for tb in tbs[10:20]]
-    producer = make_producer(kafka(kafka_bootstrap))
-    await worker.start()
-    await producer.start()
-    try:
-        run = asyncio.create_task(worker.run())
-
-        async def publish(part: list) -> None:  # type: ignore[type-arg]
-            await asyncio.gather(*[await producer.send(
-                topics.tokens, encode_token_batch(tb), key=tb.batch_id.encode()) for tb in part])
-
-        await publish(tbs[:10])
+    async with worker_running(worker, kafka_bootstrap) as producer:
+        await publish_token_batches(producer, topics.tokens, tbs[:10])
         await read_all(kafka_bootstrap, topics.scores, 10)
         head = Relabelled(load_engine(default_engine_path, threads=1), "v-head")
         head.manifest = replace(head.manifest, head="classifier",
@@ -139,20 +128,13 @@ async def test_another_tokenizer_is_served_beside_the_old_until_its_batches_stop
             await worker.swap([head])
         assert head.closed and worker.manifest.version == "v-old"
         assert await worker.swap([new]) == 1
-        await publish(tbs[10:])
+        await publish_token_batches(producer, topics.tokens, tbs[10:])
         values = await read_all(kafka_bootstrap, topics.scores, len(tbs))
         # b020-b029 were scored by the old engines (below): kept after the swap; then closed
         # once no batch of theirs came for transition_idle_s.
         await asyncio.wait_for(until(lambda: old.closed), 30)
         assert list(worker.pools) == [1]
-        worker.request_stop()
-        await asyncio.wait_for(run, 30)
-    finally:
-        await producer.stop()
-        await worker.stop()
-    batches = {b.batch_id: b for b in map(decode_score_batch, values)}
-    assert sorted(batches) == [tb.batch_id for tb in tbs]  # each once, none dead-lettered
-    versions = {b: {it.model_version for it in s.items} for b, s in batches.items()}
+    versions = versions_scored(values, tbs)  # each once, none dead-lettered
     assert all(versions[tb.batch_id] == {"v-new"} for tb in tbs[10:20])
     assert all(versions[tb.batch_id] == {"v-old"} for tb in tbs[:10] + tbs[20:])
     assert worker.online.stats.dead_letters == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from pathlib import Path
+from typing import Any
 
 from tokenizer_svc.pool import TokenizerPool, TokenizerSpec, _init_process
 from tokenizer_svc.procpool import ProcessPool
@@ -27,3 +28,19 @@ def gated(pool: TokenizerPool, gate: Path) -> TokenizerPool:
     """`pool`, its processes held in start-up until `gate` exists."""
     pool._pool = ProcessPool(gated_init, (gate, pool.spec), pool.processes, name="tokenizer")
     return pool
+
+
+def hold_new_pools(monkeypatch: Any, gate: Path) -> list[TokenizerPool]:
+    """Every pool TokenizerService makes from now on is `gated` on `gate`; the list fills
+    with them as they are made."""
+    from tokenizer_svc.service import TokenizerService
+
+    starting: list[TokenizerPool] = []
+    new_pool = TokenizerService._new_pool
+
+    def held(self: TokenizerService, *args: object) -> TokenizerPool:
+        starting.append(gated(new_pool(self, *args), gate))  # type: ignore[arg-type]
+        return starting[-1]
+
+    monkeypatch.setattr(TokenizerService, "_new_pool", held)
+    return starting

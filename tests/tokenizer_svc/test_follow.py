@@ -23,7 +23,7 @@ from plumbing.kafka import KafkaSettings, Topics
 from plumbing.metrics import StatsCollector
 from schemas import QueryBatch, QueryItem, decode_token_batch, encode_query_batch
 from tests.engine_fixtures import copy_version, retokenized_version
-from tests.tokenizer_svc.gated import gated
+from tests.tokenizer_svc.gated import hold_new_pools
 from tokenizer_svc.pool import TokenizerPool
 from tokenizer_svc.service import TokenizerService, TokenizerServiceSettings
 
@@ -216,16 +216,9 @@ async def test_a_tokenizer_that_does_not_load_is_refused_and_leaves_no_process(
 async def test_a_cancelled_switch_leaves_no_process(
         registry: EngineRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    starting: list[TokenizerPool] = []
-    new_pool = TokenizerService._new_pool
-
-    def held(self: TokenizerService, *args: object) -> TokenizerPool:
-        starting.append(gated(new_pool(self, *args), gate))  # type: ignore[arg-type]
-        return starting[-1]
-
     service = _service(registry)
     _version(registry, "v2", retokenized_version)
-    monkeypatch.setattr(TokenizerService, "_new_pool", held)
+    starting = hold_new_pools(monkeypatch, gate)
     follow = asyncio.ensure_future(service.follow_once())
     deadline = time.monotonic() + 30
     while not (starting and starting[0].pids):  # the new pool's process is up, held
