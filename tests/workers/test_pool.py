@@ -14,8 +14,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from structlog.testing import capture_logs
+import structlog
+from structlog.testing import LogCapture
 
+import workers.pool
 from engines.batch import PaddedBatch, pad_sequences
 from engines.errors import EngineDead, EngineError
 from schemas import TokenBatch
@@ -200,7 +202,14 @@ async def test_per_device_stats_add_up() -> None:
     await pool.close()
 
 
-async def test_engine_dead_takes_its_lanes_out_of_service() -> None:
+async def test_engine_dead_takes_its_lanes_out_of_service(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The module's logger replaced by a capturing one, as in test_cache_redis: the global
+    # configuration other tests leave behind (logger caching) cannot hide its events.
+    capture = LogCapture()
+    monkeypatch.setattr(workers.pool, "log", structlog.wrap_logger(
+        None, processors=[capture], wrapper_class=structlog.BoundLogger))
+    logs = capture.entries
     engines = gpus()
     pool = EnginePool(engines)
     engines[1].error = EngineDead("CUDA error: device lost")
@@ -208,7 +217,7 @@ async def test_engine_dead_takes_its_lanes_out_of_service() -> None:
     assert [(s.device, s.lane) for s in held] == [
         ("cuda:0", 0), ("cuda:1", 0), ("cuda:2", 0), ("cuda:0", 1), ("cuda:1", 1)]
     lane0, lane1 = held[1], held[4]  # cuda:1's lanes: lane 1 is held while its engine dies
-    with capture_logs() as logs, pytest.raises(EngineDead, match="device lost"):
+    with pytest.raises(EngineDead, match="device lost"):
         await pool.run(lane0, FakeBatch(4))  # type: ignore[arg-type]
     assert [e for e in logs if e["event"] == "engine_dead"] == [{
         "event": "engine_dead", "log_level": "error", "engine": 1, "device": "cuda:1",
