@@ -287,12 +287,12 @@ def _wait_for_metrics(port: int, proc) -> None:  # type: ignore[no-untyped-def]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited:\n{proc.log_tail()}")
-        try:
-            scrape(port)
+        try:  # the port opens before the engine loads: ready is what counts
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).read()
             return
-        except OSError:
+        except OSError:  # refused, or 503 (HTTPError) while starting
             time.sleep(0.2)
-    raise RuntimeError("worker metrics never came up")
+    raise RuntimeError("worker never became ready")
 
 
 if __name__ == "__main__":

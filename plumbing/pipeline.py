@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -29,6 +29,7 @@ from aiokafka.errors import (
 )
 
 from plumbing.kafka import KafkaSettings, check_reply_topic, make_consumer, make_producer
+from plumbing.metrics import Labelled
 from plumbing.offsets import OffsetTracker
 from schemas import DeadLetter, Limits, SourceRef, Stage, encode_dead_letter
 
@@ -53,6 +54,9 @@ class PipelineSettings:
     drain_timeout_s: float = 30.0
     commit_timeout_s: float = 10.0
     close_timeout_s: float = 10.0
+    # How often the consumer lag (stats.lag) is sampled while running: one ListOffsets
+    # request for the assigned partitions (0: never).
+    lag_interval_s: float = 5.0
 
 
 @dataclass(slots=True)
@@ -64,6 +68,12 @@ class PipelineStats:
     pauses: int = 0
     rebalances: int = 0
     stale_dropped: int = 0  # fetched before a revoke, never started: redelivered instead
+    # Exported labelled by consumer group (consumer_metrics), not as flat numbers:
+    # topic -> records of the assigned partitions not committed yet (sample_lag) ...
+    lag: dict[str, int] = field(default_factory=dict)
+    # ... and (stage, reason class) -> dead letters published (a SchemaError's rule, else
+    # the exception's type name: a small set, unlike the reason text).
+    dead_letter_reasons: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class PipelineError(RuntimeError):
@@ -115,6 +125,12 @@ class RecordPipeline:
         self._idle.set()
         self._last_record = time.monotonic()
         self._in_group = False  # joined, and no rebalance since: burst mode may count idle time
+        # Readiness (plumbing.health): joined its group and received an assignment, possibly
+        # empty (a member beyond the partition count gets none and stands by, ready), since
+        # start. Unlike _in_group, a later rebalance does not clear it: a rebalance is the
+        # group's routine, and flagging every member unready at each one would count the whole
+        # group unavailable at once (rollouts, disruption budgets).
+        self.assigned = False
         self.failure: Exception | None = None  # set when a record could not even dead-letter
         self._paused = False
         self._started = False
@@ -126,6 +142,7 @@ class RecordPipeline:
         self._topics: set[str] = set()  # known to exist (check_topic)
         self._missing: dict[str, float] = {}  # topic -> when it was last seen missing
         self._slot_freed = asyncio.Event()
+        self._committed: dict[TopicPartition, int] = {}  # the group's offsets, for sample_lag
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,10 +159,16 @@ class RecordPipeline:
         """Stop fetching; `run` then drains in-flight work, commits and returns."""
         self._stopping.set()
 
+    @property
+    def draining(self) -> bool:
+        """No more fetching (request_stop, a failure or stop): finishing what is in flight."""
+        return self._stopping.is_set()
+
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        self._stopping.set()  # draining, as `draining` reports (also after a burst-mode run)
         try:
             await self._drain(grace_s=self.settings.drain_timeout_s, abandon=True)
             await self._commit()
@@ -167,6 +190,7 @@ class RecordPipeline:
         """Consume until `request_stop()`, or (burst mode) until nothing arrived for
         `idle_exit_s` and nothing is in flight: a whole run is then one awaitable."""
         commit_task = asyncio.create_task(self._commit_loop(), name=f"{self.name}-commits")
+        lag_task = asyncio.create_task(self._lag_loop(), name=f"{self.name}-lag")
         # Idle time counts from now (not from construction) and only while settled in the
         # group: a group join can take longer than idle_exit_s, and nothing arrives during it.
         self._last_record = time.monotonic()
@@ -178,8 +202,11 @@ class RecordPipeline:
                 await self._fetch_once(handler)
         finally:
             commit_task.cancel()
+            lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await commit_task
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_task
             await self._drain(grace_s=self.settings.drain_timeout_s, abandon=True)
             await self._commit()
         if self.failure is not None:
@@ -332,6 +359,8 @@ class RecordPipeline:
         await self.publish(self.dead_letter_topic, encode_dead_letter(letter, self.limits),
                            key=record.key)
         self.stats.dead_letters += 1  # published ones only
+        self.stats.dead_letter_reasons[letter.stage, letter.error_rule
+                                       or type(exc).__name__] += 1
 
     # -- commits, drain, rebalance ---------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -354,7 +383,44 @@ class RecordPipeline:
             log.warning("commit_failed", service=self.name, error=str(exc))
             return
         self.tracker.mark_committed(positions)
+        self._committed.update(positions)
         self.stats.commits += 1
+
+    async def _lag_loop(self) -> None:
+        if self.settings.lag_interval_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.settings.lag_interval_s)
+            try:
+                await self.sample_lag()
+            except Exception as exc:  # a rebalance or a broker hiccup: the next sample
+                log.debug("lag_sample_failed", service=self.name,
+                          error=f"{type(exc).__name__}: {exc}")
+
+    async def sample_lag(self) -> None:
+        """Set stats.lag: per topic, the records of this consumer's partitions that its group
+        has not committed (end offset - committed offset, as Kafka lag exporters and KEDA
+        count it). The end is the newer of a ListOffsets answer and the last fetch's
+        highwater (a paused partition is not fetched; some brokers list stale ends)."""
+        assigned = list(self.consumer.assignment())
+        lag = dict.fromkeys(self.topics, 0)
+        timeout = self.settings.commit_timeout_s
+        ends = (await asyncio.wait_for(self.consumer.end_offsets(assigned), timeout)
+                if assigned else {})
+        for tp in assigned:
+            if tp not in self.consumer.assignment():  # revoked meanwhile
+                continue
+            base = self._committed.get(tp)
+            if base is None:  # nothing committed by us since the assignment: ask the group
+                base = await asyncio.wait_for(self.consumer.committed(tp), timeout)
+                if base is None:  # the group never committed: where the consumer starts
+                    base = await asyncio.wait_for(self.consumer.position(tp), timeout)
+                if tp not in self.consumer.assignment():
+                    continue
+                self._committed.setdefault(tp, base)
+            end = max(ends.get(tp) or 0, self.consumer.highwater(tp) or 0)
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - base)
+        self.stats.lag = lag  # one assignment: a scrape never sees a half-built dict
 
     async def _drain(self, tps: set[TopicPartition] | None = None,
                      grace_s: float | None = None, *, abandon: bool = False) -> None:
@@ -373,6 +439,7 @@ class RecordPipeline:
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._in_group = True
+        self.assigned = True
         self._last_record = time.monotonic()
         log.info("partitions_assigned", service=self.name, partitions=len(assigned))
 
@@ -386,6 +453,8 @@ class RecordPipeline:
         await self._drain(revoked, grace_s=self.settings.revoke_grace_s)
         await self._commit(only=revoked)
         self.tracker.forget(revoked)
+        for tp in revoked:
+            self._committed.pop(tp, None)
         log.info("partitions_revoked", service=self.name, partitions=len(revoked),
                  still_running=sum(1 for tp in self._tasks.values() if tp in revoked))
 
@@ -399,3 +468,19 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.pipeline.on_assigned(set(assigned))
+
+
+def consumer_metrics(pipelines: Iterable[RecordPipeline]) -> dict[str, Labelled]:
+    """A service's "consumer" metrics group over its pipelines, labelled by consumer group:
+    `lag` (per topic; summed over a group's members it is the group's lag) and `dead_letters`
+    (per stage and reason class)."""
+    lag = Labelled(("group", "topic"), gauge=True)
+    dead = Labelled(("group", "stage", "reason"))
+    for p in pipelines:
+        group = p.settings.group_id
+        sampled = p.stats.lag
+        for topic in p.topics:
+            lag.values[group, topic] = sampled.get(topic, 0)
+        for (stage, reason), n in list(p.stats.dead_letter_reasons.items()):
+            dead.values[group, stage, reason] = n
+    return {"lag": lag, "dead_letters": dead}

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -48,8 +48,15 @@ from engines.errors import ArtifactError
 from engines.manifest import Manifest, read_manifest, swap_blockers
 from engines.tokenizer import check_artifact_tokenizer
 from plumbing.cache import CacheSettings, ResultCache
+from plumbing.health import Health
 from plumbing.kafka import KafkaSettings, ReplyTopicError, Topics
-from plumbing.pipeline import PipelineSettings, RecordPipeline, UndeliverableError
+from plumbing.metrics import LATENCY_BUCKETS_S, Histogram, Labelled
+from plumbing.pipeline import (
+    PipelineSettings,
+    RecordPipeline,
+    UndeliverableError,
+    consumer_metrics,
+)
 from schemas import (
     DEFAULT_LIMITS,
     EMBEDDING_FORMATS,
@@ -117,6 +124,9 @@ class TokenizerStats:
     score_batches: int = 0
     dead_letters: int = 0  # any stage, as the pipeline published them
     tokenize_seconds: float = 0.0  # in tokenizer processes: tokenize + pack (per-stage time)
+    # Per record with cache hits: from its submitted_at (the producer's clock) until its
+    # outputs, cached scores first, were acknowledged (the workers time the scored rest).
+    cached_e2e_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
 
 
 @dataclass(slots=True)
@@ -198,7 +208,16 @@ class TokenizerService:
             "pool": lambda: {"restarts": self.pools.restarts,
                              "in_flight": self.pipeline.tracker.in_flight()},
             "follow": lambda: self.follow_stats,
+            "consumer": lambda: consumer_metrics((self.pipeline,)),
+            "version": self._version_info,
         }
+
+    def _version_info(self) -> dict[str, Labelled]:
+        """An info gauge (1): the version whose keys and cached scores this service serves;
+        state "pinned" without `follow`."""
+        m = self.manifest
+        labels = (m.model_id, m.version, "serving" if self.follow is not None else "pinned")
+        return {"info": Labelled(("model_id", "serving", "state"), {labels: 1}, gauge=True)}
 
     @property
     def follow_stats(self) -> FollowStats:
@@ -234,6 +253,21 @@ class TokenizerService:
     def request_stop(self) -> None:
         """Stop fetching; `run` finishes what is in flight, commits and returns."""
         self.pipeline.request_stop()
+
+    def health(self) -> Health:
+        """For /healthz and /readyz (plumbing.health), asked on the loop: not live once the
+        pipeline failed; ready once the tokenizer processes are up and the consumer joined
+        with an assignment (an empty one counts), until it drains."""
+        p = self.pipeline
+        if p.failure is not None:
+            return Health(False, False, f"failed: {type(p.failure).__name__}: {p.failure}")
+        if self.pool.tokenizer_id is None:
+            return Health(True, False, "starting the tokenizer processes")
+        if p.draining:
+            return Health(True, False, "draining")
+        if not p.assigned:
+            return Health(True, False, f"waiting for a partition assignment: {p.name}")
+        return Health(True, True, "ok")
 
     async def run(self, *, idle_exit_s: float | None = None) -> None:
         """Serve until `request_stop()`, or in burst mode until nothing arrived for
@@ -384,6 +418,9 @@ class TokenizerService:
                 sends += await self._publish_tokens(pool, data, prepared, misses, offline,
                                                     offline_topic, key)
             await asyncio.gather(*sends)
+            if hits:
+                self._stats.cached_e2e_seconds.observe(
+                    max(0.0, time.time() - prepared.submitted_at))
         except BaseException:
             # Whatever was already sent is still awaited, so no ack is left unobserved.
             with contextlib.suppress(BaseException):
@@ -465,4 +502,5 @@ def _split_hits(prepared: Prepared, values: list[bytes | None],
 
 
 def _public(stats: TokenizerStats) -> dict[str, float]:
-    return {f: getattr(stats, f) for f in stats.__dataclass_fields__}
+    return {f: v for f in stats.__dataclass_fields__
+            if isinstance(v := getattr(stats, f), int | float)}  # not the histograms

@@ -26,8 +26,10 @@ from engines.manifest import Manifest, swap_blockers
 from engines.protocol import Engine
 from engines.tokenizer import artifact_tokenizer_json, artifact_vocab_size
 from plumbing.cache import CacheSettings, ResultCache
+from plumbing.health import Health
 from plumbing.kafka import KafkaSettings, Topics
-from plumbing.pipeline import PipelineSettings, RecordPipeline
+from plumbing.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, Histogram, Labelled
+from plumbing.pipeline import PipelineSettings, RecordPipeline, consumer_metrics
 from schemas import (
     DEFAULT_LIMITS,
     KEY_BYTES,
@@ -86,7 +88,10 @@ class WorkerStats:
     engine_errors: int = 0
     engine_retries: int = 0  # batches run again after their engine died
     bisections: int = 0  # failed batches split in two and run again
-    batch_sizes: list[int] = field(default_factory=list, repr=False)
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    # Per TokenBatch: from its QueryBatch's submitted_at (the producer's clock) until all of
+    # its scores were acknowledged by the broker.
+    e2e_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
 
     @property
     def mean_batch_size(self) -> float:
@@ -327,9 +332,38 @@ class ScoringWorker:
             "queue": lambda: {"queue_depth": self.batcher.depth(),
                               "busy_slots": self.pool.busy(),
                               "engine_generation": self.generation, "engine_swaps": self.swaps},
-            "pool": lambda: self.pool.device_counters(),
+            "pool": lambda: self.pool.device_counters(),  # flat names, kept for old readers
+            "device": lambda: _device_metrics(self.pool),
             "reload": lambda: self.reloader.stats.metrics() if self.reloader else {},
+            "consumer": lambda: consumer_metrics((self.online, self.offline)),
+            "version": self._version_info,
         }
+
+    def _version_info(self) -> dict[str, Labelled]:
+        """An info gauge (1): the version serving, the one pending and the reload state
+        ("pinned": no reloader, the worker serves its --engine)."""
+        m, r = self.manifest, self.reloader
+        labels = (m.model_id, m.version, r.stats.pending if r else "",
+                  r.stats.state if r else "pinned")
+        return {"info": Labelled(("model_id", "serving", "pending", "state"), {labels: 1},
+                                 gauge=True)}
+
+    def health(self) -> Health:
+        """For /healthz and /readyz (plumbing.health), asked on the loop: not live once no
+        engine is left or a pipeline failed; ready once started with its engines loaded and
+        both consumers joined with an assignment (an empty one counts), until it drains."""
+        failure = self.failure or self.online.failure or self.offline.failure
+        if failure is not None:
+            return Health(False, False, f"failed: {type(failure).__name__}: {failure}")
+        if not self.pool.size:
+            return Health(False, False, "no engine left in service")
+        if self._dispatcher is None:
+            return Health(True, False, "starting")
+        if self.online.draining or self.offline.draining:
+            return Health(True, False, "draining")
+        if waiting := [p.name for p in (self.online, self.offline) if not p.assigned]:
+            return Health(True, False, f"waiting for a partition assignment: {', '.join(waiting)}")
+        return Health(True, True, "ok")
 
     def request_stop(self) -> None:
         self.online.request_stop()
@@ -440,6 +474,7 @@ class ScoringWorker:
                 for message in encode_score_arrays(batch, self.settings.limits)]
         for ack in acks:  # all were queued already; awaiting in turn waits for all
             await ack
+        self.stats.e2e_seconds.observe(max(0.0, time.time() - tb.submitted_at))
         self.stats.score_batches += len(acks)
         self.stats.messages += 1
         self.stats.items += len(tb.item_ids)
@@ -573,7 +608,7 @@ class ScoringWorker:
             lengths = batch.lengths
             self.stats.batches += 1
             self.stats.sequences += len(lengths)
-            self.stats.batch_sizes.append(len(lengths))
+            self.stats.batch_size.observe(len(lengths))
             self.stats.padded_tokens += int(lengths.max()) * len(lengths)
             self.stats.real_tokens += int(lengths.sum())
             self.batcher.complete(batch, outputs)
@@ -581,6 +616,22 @@ class ScoringWorker:
             log.error("batch_results_failed", size=batch.size, error=f"{type(exc).__name__}: "
                                                                      f"{exc}")
             self.batcher.fail(batch, exc)
+
+
+def _device_metrics(pool: EnginePool) -> dict[str, Labelled]:
+    """The serving pool's engine counters labelled by device. busy_seconds counts
+    lane-seconds (two streams busy for a second: 2.0), so its rate over `lanes` is the
+    device's busy fraction."""
+    lanes = Counter(s.device for s in pool.slots if s.engine not in pool.dead)
+    stats = list(pool.device_stats.items())
+
+    def per_device(values: dict[str, float], *, gauge: bool = False) -> Labelled:
+        return Labelled(("device",), {(d,): v for d, v in values.items()}, gauge=gauge)
+
+    return {"lanes": per_device(dict(lanes), gauge=True),
+            "busy_seconds": per_device({d: s.busy_s for d, s in stats}),
+            "batches": per_device({d: s.batches for d, s in stats}),
+            "sequences": per_device({d: s.sequences for d, s in stats})}
 
 
 def _vocab_size(engines: Sequence[Engine]) -> int | None:

@@ -175,7 +175,11 @@ StatusInterval = Annotated[float, typer.Option(
         "Publish a heartbeat (model, versions, reload state, load) to PREFIX.status this "
         "often, for `qscore status`; 0: none."))]
 MetricsPort = Annotated[int | None, typer.Option(envvar="QSCORE_METRICS_PORT", help=(
-    "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."))]
+    "Serve Prometheus metrics on HOST:PORT/metrics, with /healthz (live) and /readyz (engine "
+    "loaded, partitions assigned, not draining) beside them."))]
+MetricsHost = Annotated[str, typer.Option(envvar="QSCORE_METRICS_HOST", help=(
+    "The address --metrics-port listens on: 127.0.0.1 (this host only), 0.0.0.0 or :: in a "
+    "container, where probes and Prometheus connect to the pod's address."))]
 IdleExit = Annotated[float | None, typer.Option(envvar="QSCORE_IDLE_EXIT", help=(
     "Burst mode: exit after this many idle seconds with nothing in flight."))]
 
@@ -425,6 +429,7 @@ class ServiceOptions:
     reply_topics: tuple[str, ...]  # (): the fleet's default allow-list
     idle_exit: float | None
     metrics_port: int | None
+    metrics_host: str
     log_level: str
     status_interval_s: float  # 0: no heartbeats
 
@@ -446,6 +451,7 @@ _SERVICE_REST = (
     ("redis_ca_certs", RedisCaCerts, None),
     ("cache_ttl", CacheTtl, DEFAULT_CACHE_TTL_S),
     ("metrics_port", MetricsPort, None),
+    ("metrics_host", MetricsHost, "127.0.0.1"),
     ("status_interval_s", StatusInterval, DEFAULT_STATUS_INTERVAL_S),
     ("log_level", LogLevel, "info"),
 )

@@ -41,6 +41,7 @@ from workers.reload import ReloadSettings, parse_window
 if TYPE_CHECKING:
     from engines.protocol import Engine
     from plumbing.cache import CacheSettings
+    from plumbing.health import Health, MetricsPort
     from plumbing.status import StatusPublisher
     from workers.reload import Reloader
     from workers.service import ScoringWorker
@@ -54,22 +55,52 @@ class Service(Protocol):
     async def run(self, *, idle_exit_s: float | None = None) -> None: ...
     async def stop(self) -> None: ...
     def metrics(self) -> dict[str, Callable[[], object]]: ...
+    def health(self) -> Health: ...
+
+
+def open_metrics_port(options: ServiceOptions) -> MetricsPort | None:
+    """The --metrics-port, opened before the engine loads: through a long load /healthz says
+    live and /readyz "starting"; `serve` then answers them from the service."""
+    if options.metrics_port is None:
+        return None
+    from plumbing.health import MetricsPort
+
+    try:
+        return MetricsPort(options.metrics_port, options.metrics_host)
+    except OSError as exc:
+        fail(f"--metrics-port {options.metrics_host}:{options.metrics_port}: "
+             f"{exc.strerror or exc}")
 
 
 def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefix: str,
           summary: Callable[[Service], str],
-          status: Callable[[Service], StatusPublisher | None] | None = None) -> None:
+          status: Callable[[Service], StatusPublisher | None] | None = None,
+          port: MetricsPort | None = None) -> None:
     """Run one service to the end on a fresh event loop: the first SIGTERM/SIGINT drains and
     commits, a second exits at once; `summary` is printed after it stopped. `status` makes
-    its heartbeats, which go from its start until it has stopped (then a tombstone)."""
+    its heartbeats, which go from its start until it has stopped (then a tombstone). `port`
+    (open_metrics_port; else opened here) serves the service's metrics and health from its
+    creation until it has stopped."""
+    import asyncio
+
     from plumbing.aio import run, stop_on_signals
     from plumbing.metrics import serve_metrics
 
+    port = port or open_metrics_port(options)
+
     async def main() -> None:
         service = make()  # inside the loop: aiokafka clients bind to it
-        stop_on_signals(service.request_stop)
-        if options.metrics_port is not None:
-            serve_metrics(options.metrics_port, metrics_prefix, service.metrics())
+        beating = None
+        if port is not None:
+            serve_metrics(port, metrics_prefix, service.metrics())
+            beating = asyncio.create_task(port.health.run(service.health), name="health")
+
+        def drain() -> None:
+            service.request_stop()
+            if port is not None:
+                port.health.beat()  # /readyz says "draining" now, not at the next beat
+
+        stop_on_signals(drain)
         await service.start()
         heartbeats = status(service) if status is not None else None
         try:
@@ -83,8 +114,14 @@ def serve(make: Callable[[], Service], options: ServiceOptions, *, metrics_prefi
                 if heartbeats is not None:
                     await heartbeats.stop()
             err.print(summary(service), soft_wrap=True, highlight=False)
+            if beating is not None:
+                beating.cancel()
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        if port is not None:
+            port.close()  # connections refused from here
 
 
 _B = BatcherSettings()
@@ -154,6 +191,7 @@ def worker(
     from workers.service import ScoringWorker, WorkerSettings
 
     configure_logging(service.log_level)
+    port = open_metrics_port(service)  # probes answer through the engine load
     settings_ = engine_settings(service.model, service.engine_dir, service.artifact, None, None,
                                 threads, precision=precision, backend=backend,
                                 devices=device_list(devices), lanes=streams, graphs=graphs,
@@ -228,7 +266,7 @@ def worker(
                                 service)
 
     serve(make, service, metrics_prefix="qscore_worker", summary=summary,
-          status=heartbeats)  # type: ignore[arg-type]
+          status=heartbeats, port=port)  # type: ignore[arg-type]
 
 
 def registry_pointer(engine_dir: Path, model_id: str) -> Callable[[], Path | None]:
@@ -313,6 +351,7 @@ def tokenizer(
     if embedding_format not in EMBEDDING_FORMATS:
         raise typer.BadParameter(f"must be one of {', '.join(EMBEDDING_FORMATS)}, not "
                                  f"{embedding_format!r}", param_hint="--embedding-format")
+    port = open_metrics_port(service)
 
     def summary(tokenizer: TokenizerService) -> str:
         s = tokenizer.stats
@@ -342,6 +381,6 @@ def tokenizer(
                                     kafka, topics, service)
 
         serve(make, service, metrics_prefix="qscore_tokenizer",
-              summary=summary, status=heartbeats)  # type: ignore[arg-type]
+              summary=summary, status=heartbeats, port=port)  # type: ignore[arg-type]
     except (EngineError, TokenizerServiceError, OSError) as exc:
         fail(exc)
