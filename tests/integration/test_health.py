@@ -23,7 +23,7 @@ import pytest
 from engines.errors import EngineDead
 from engines.protocol import Engine
 from plumbing.health import MetricsPort
-from plumbing.kafka import make_producer
+from plumbing.kafka import Topics, make_producer
 from plumbing.metrics import serve_metrics
 from plumbing.pipeline import PipelineError
 from qscore.local.fleet import ServiceProcess
@@ -235,13 +235,7 @@ async def test_worker_is_not_ready_while_its_drain_waits_for_an_engine_call(
             await worker.start()
             run = asyncio.create_task(worker.run())
             await until_answer(port.port, "/readyz", lambda a: a == OK, "ready")
-            producer = make_producer(kafka_settings(kafka_bootstrap))
-            await producer.start()
-            try:
-                await publish_token_batches(producer, topics.tokens, [tokenize(
-                    default_engine, [QueryItem(id="q", query="red shoes")], "drain-1")])
-            finally:
-                await producer.stop()
+            await _publish_one(kafka_bootstrap, topics, default_engine, "drain-1")
             assert await asyncio.to_thread(engine.entered.wait, 60)
             worker.request_stop()
             assert await until_answer(port.port, "/readyz", lambda a: a != OK,
@@ -262,6 +256,17 @@ async def test_worker_is_not_ready_while_its_drain_waits_for_an_engine_call(
     assert await probe(port.port, "/healthz") is None
 
 
+async def _publish_one(bootstrap: str, topics: Topics, engine: Engine, batch_id: str) -> None:
+    """One TokenBatch of one query on the token topic, acknowledged."""
+    producer = make_producer(kafka_settings(bootstrap))
+    await producer.start()
+    try:
+        await publish_token_batches(producer, topics.tokens, [tokenize(
+            engine, [QueryItem(id="q", query="red shoes")], batch_id)])
+    finally:
+        await producer.stop()
+
+
 async def test_a_worker_with_no_engine_left_is_not_live(
         kafka_bootstrap: str, create_topic: CreateTopic, topic_name: str,
         default_engine: Engine) -> None:
@@ -277,13 +282,7 @@ async def test_a_worker_with_no_engine_left_is_not_live(
             await worker.start()
             run = asyncio.create_task(worker.run())
             await until_answer(port.port, "/readyz", lambda a: a == OK, "ready")
-            producer = make_producer(kafka_settings(kafka_bootstrap))
-            await producer.start()
-            try:
-                await publish_token_batches(producer, topics.tokens, [tokenize(
-                    default_engine, [QueryItem(id="q", query="red shoes")], "dead-1")])
-            finally:
-                await producer.stop()
+            await _publish_one(kafka_bootstrap, topics, default_engine, "dead-1")
             status, body = await until_answer(port.port, "/healthz", lambda a: a != OK,
                                               "not live") or (0, "")
             assert status == 503 and "EngineDead" in body, body
