@@ -400,10 +400,11 @@ class Reloader:
         except EngineError as exc:  # mismatched, unreadable: refused
             return self._refuse(version, f"load failed: {exc}")
         phases["load"] = time.perf_counter() - started
+        apart = self._separate_check()
         try:
-            if self._separate_check():
+            if apart:
                 await self._check_apart(path, phases, engines)
-            await self._prepare(engines, phases, check=not self._separate_check())
+            await self._prepare(engines, phases, check=not apart)
         except _Refused as exc:
             return self._refuse(version, str(exc))
         self.stats.state = "swapping"

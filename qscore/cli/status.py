@@ -72,13 +72,10 @@ def worker_sample(worker: ScoringWorker) -> Callable[[], Sample]:
 def tokenizer_sample(tokenizer: TokenizerService) -> Callable[[], Sample]:
     def sample() -> Sample:
         m, stats = tokenizer.manifest, tokenizer.stats
-        # Its follow stats (the last refused promotion) are new: a service without them
-        # reports none.
-        follow = getattr(tokenizer, "follow_stats", None)
         return Sample(
             model_id=m.model_id, serving=m.version,
             reload_state="serving" if tokenizer.follow is not None else "pinned",
-            last_refusal=getattr(follow, "last_refusal", None) or None,
+            last_refusal=tokenizer.follow_stats.last_refusal or None,
             arrived=stats.items, in_flight=tokenizer.pipeline.tracker.in_flight(),
             items=stats.items, dead_letters=stats.dead_letters)
 
