@@ -269,3 +269,22 @@ async def test_on_cpu_the_golden_check_runs_on_a_one_thread_session_of_its_own()
     assert checked == [(checkers[0], 1)]  # not on the serving engines' threads
     assert checkers[0].closed and not loaded[0].closed and worker.swapped == ["v2"]
     assert {"check_load", "check", "warmup"} <= set(reloader.stats.phases_s)
+
+
+async def test_a_version_that_does_not_fit_on_a_single_device_is_refused_with_the_figures(
+        ) -> None:
+    from engines.memory import InsufficientMemory
+
+    pointer: list[str | None] = ["v2"]
+    reloader, worker, _ = _reloader(pointer)
+
+    def load(path: Path, threads: int | None) -> list[FakeEngine]:
+        raise InsufficientMemory(f"{path}: the engine needs about 400 MiB but the host has "
+                                 "300 MiB free")
+
+    reloader.load = load  # type: ignore[assignment]
+    assert await _steps(reloader, [0, 1, 2, 3]) == [False] * 4
+    assert worker.swapped == [] and worker.manifest.version == "v1"
+    assert reloader.stats.refused == 1 and reloader.stats.rolling == 0
+    assert "400 MiB" in reloader.stats.last_reason and "single device" in (
+        reloader.stats.last_reason)
