@@ -59,13 +59,15 @@ def _scores(batch_id: str, *ids: str) -> ScoreBatch:
     return ScoreBatch(batch_id, items, "test-model", time.time(), Timings(total_ms=1.0))
 
 
-async def _publish_raw(settings: KafkaSettings, topic: str, *values: bytes) -> None:
+async def _publish_raw(settings: KafkaSettings, topic: str, *values: bytes,
+                       partition: int | None = None) -> None:
     """What a worker does: put ScoreBatches (or anything) on the score topic, in order."""
     producer = make_producer(settings)
     await producer.start()
     try:
         for value in values:
-            await asyncio.wait_for(producer.send_and_wait(topic, value), TIMEOUT)
+            await asyncio.wait_for(
+                producer.send_and_wait(topic, value, partition=partition), TIMEOUT)
     finally:
         await producer.stop()
 
@@ -171,14 +173,16 @@ async def test_collect_many_batches_at_once(
 
     # The "fleet": scores in another order, one batch in two halves, plus one nobody awaits.
     values = [encode_score_batch(_scores(b, *ids)) for b, ids in reversed(expected.items())]
-    values += [encode_score_batch(_scores("b2", "q0")), encode_score_batch(_scores("x", "q0"))]
     await _publish_raw(settings, topics.scores, *values)
+    # One partition, so the copy is read before "x" (collect may return before reading it).
+    await _publish_raw(settings, topics.scores, encode_score_batch(_scores("b2", "q0")),
+                       encode_score_batch(_scores("x", "q0")), partition=0)
 
     got = await consumer.collect(expected, timeout=TIMEOUT)
     assert {b: sorted(s) for b, s in got.items()} == expected
-    assert consumer.stats.duplicates == 1
     nobody = await asyncio.wait_for(anext(aiter(consumer)), TIMEOUT)
     assert nobody.batch_id == "x"
+    assert consumer.stats.duplicates == 1
 
 
 async def test_undecodable_messages_are_skipped_and_counted(
