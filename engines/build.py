@@ -1,9 +1,9 @@
 """Build an engine artifact from a model directory, once: later calls find it by content hash.
 
 This module only dispatches: `ensure_engine` validates the backend and hands the request to
-that backend's builder from `BUILDERS` (engines.build_onnx, engines.build_torch,
-engines.build_tensorrt), which share engines.build_common. Builders never import this module,
-so the import graph runs one way: build -> builders -> build_common.
+that backend's builder from `BUILDERS` (engines.build_onnx, engines.build_openvino,
+engines.build_torch, engines.build_tensorrt), which share engines.build_common. Builders never
+import this module, so the import graph runs one way: build -> builders -> build_common.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Protocol
 
 from engines.build_common import Progress, quiet
 from engines.build_onnx import ensure_onnx
+from engines.build_openvino import ensure_openvino
 from engines.build_tensorrt import ensure_tensorrt
 from engines.build_torch import ensure_torch
 from engines.errors import BuildError
@@ -30,6 +31,7 @@ class Builder(Protocol):
 
 BUILDERS: dict[str, Builder] = {
     "onnxruntime": ensure_onnx,
+    "openvino": ensure_openvino,  # CPU, calibrated (static) INT8
     "torch": ensure_torch,  # GPU runtime; builds on CPU too
     "tensorrt": ensure_tensorrt,
 }

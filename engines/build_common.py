@@ -17,16 +17,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from engines.errors import ArtifactError
+from engines.errors import ArtifactError, BuildError
 from engines.manifest import hash_files, read_manifest, verify_artifact, write_manifest
 from engines.quantize import QuantSpec, file_digest
 from engines.registry import EngineRegistry, model_dir
 from engines.source import MODEL_FILES, TOKENIZER_FILES, ModelSource, default_sample_log
 
 BUILD_FORMAT = 1  # bump when export/optimise changes what an artifact contains
+# An FP32 engine vs PyTorch on the same weights: anything below this is a broken conversion.
+EXPORT_MIN_COSINE = 0.9999
+EXPORT_MAX_PROB_DIFF = 1e-4
 
 Progress = Callable[[str], None]
 
@@ -146,3 +150,44 @@ def add_golden(work: Path) -> None:
     files = dict(manifest.files)
     files[GOLDEN_FILE] = hash_files(work, [GOLDEN_FILE])[GOLDEN_FILE]
     write_manifest(work, replace(manifest, files=files))
+
+
+def check_against_torch(source: ModelSource, module: object, tokenizer: object,
+                        engine: Any) -> tuple[dict[str, float], int]:
+    """An FP32 engine's outputs against the PyTorch module it was made from, on the export
+    check texts (one of them truncated); BuildError if they disagree. Returns the accuracy
+    record and the output width. Closes `engine`."""
+    import numpy as np
+
+    from engines.accuracy import cosines, torch_outputs
+    from engines.batch import pad_sequences
+    from engines.export import CHECK_TEXTS
+    from schemas import QueryItem
+
+    items = [QueryItem(id=str(i), query=CHECK_TEXTS[i], docs=(CHECK_TEXTS[-1 - i],))
+             for i in range(len(CHECK_TEXTS) // 2)]
+    enc = tokenizer.encode(items)  # type: ignore[attr-defined]
+    seqs = [enc.input_ids[enc.offsets[i]:enc.offsets[i + 1]] for i in range(len(enc.seq_item))]
+    types = None
+    if enc.token_type_ids is not None:
+        types = [enc.token_type_ids[enc.offsets[i]:enc.offsets[i + 1]] for i in range(len(seqs))]
+    batch = pad_sequences(seqs, types)
+    ref = torch_outputs(module, [(np.arange(batch.size), batch)], "cpu")
+    try:
+        got = engine.run(batch)
+    finally:
+        engine.close()
+    if source.head == "similarity":
+        cos = cosines(ref, got)
+        report = {"reference": "pytorch-fp32", "sequences": len(seqs),
+                  "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+        if report["min_cosine"] < EXPORT_MIN_COSINE:
+            raise BuildError(f"exported engine disagrees with PyTorch: min cosine "
+                             f"{report['min_cosine']:.6f} < {EXPORT_MIN_COSINE}")
+        return report, int(got.shape[1])
+    diff = float(np.abs(ref - got).max())
+    report = {"reference": "pytorch-fp32", "sequences": len(seqs), "max_abs_prob_diff": diff}
+    if diff > EXPORT_MAX_PROB_DIFF:
+        raise BuildError(f"exported engine disagrees with PyTorch: max probability "
+                         f"difference {diff:.2e} > {EXPORT_MAX_PROB_DIFF}")
+    return report, 1

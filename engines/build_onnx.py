@@ -13,10 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from engines.accuracy import cosines, rounded, torch_outputs
-from engines.build_common import Progress, build_dir, ensure_artifact, move_into_place
+from engines.accuracy import rounded
+from engines.build_common import (
+    Progress,
+    build_dir,
+    check_against_torch,
+    ensure_artifact,
+    move_into_place,
+)
 from engines.errors import BuildError
 from engines.manifest import (
     Manifest,
@@ -30,9 +34,6 @@ from engines.quantize import QuantSpec, file_digest
 from engines.source import ModelSource, default_sample_log
 
 PRECISIONS = ("fp32", "int8")  # the torch backend's are in engines.torch_runtime
-# FP32 ONNX Runtime vs PyTorch on the same weights: anything below this is a broken export.
-MIN_COSINE = 0.9999
-MAX_PROB_DIFF = 1e-4
 
 
 def ensure_onnx(source: ModelSource, root: Path, *, precision: str, quant: QuantSpec,
@@ -145,7 +146,10 @@ def _build(source: ModelSource, target: Path, full_hash: str, precision: str,
         )
         write_manifest(work, manifest)
         say("checking the engine against PyTorch")
-        accuracy, output_dim = _check_accuracy(source, module, tokenizer, work)
+        from engines.onnx_runtime import OnnxRuntimeEngine
+
+        accuracy, output_dim = check_against_torch(source, module, tokenizer,
+                                                   OnnxRuntimeEngine(work, verify=False))
         manifest = Manifest(**{**_fields(manifest), "accuracy": accuracy,
                                "output_dim": output_dim})
         manifest.build["seconds"] = round(time.perf_counter() - started, 2)
@@ -155,36 +159,3 @@ def _build(source: ModelSource, target: Path, full_hash: str, precision: str,
 
 def _fields(manifest: Manifest) -> dict[str, object]:
     return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
-
-
-def _check_accuracy(source: ModelSource, module: object, tokenizer: object,
-                    artifact: Path) -> tuple[dict[str, float], int]:
-    from engines.batch import pad_sequences
-    from engines.export import CHECK_TEXTS
-    from engines.onnx_runtime import OnnxRuntimeEngine
-    from schemas import QueryItem
-
-    items = [QueryItem(id=str(i), query=CHECK_TEXTS[i], docs=(CHECK_TEXTS[-1 - i],))
-             for i in range(len(CHECK_TEXTS) // 2)]
-    enc = tokenizer.encode(items)  # type: ignore[attr-defined]
-    seqs = [enc.input_ids[enc.offsets[i]:enc.offsets[i + 1]] for i in range(len(enc.seq_item))]
-    types = None
-    if enc.token_type_ids is not None:
-        types = [enc.token_type_ids[enc.offsets[i]:enc.offsets[i + 1]] for i in range(len(seqs))]
-    batch = pad_sequences(seqs, types)
-    ref = torch_outputs(module, [(np.arange(batch.size), batch)], "cpu")
-    got = OnnxRuntimeEngine(artifact, verify=False).run(batch)
-    if source.head == "similarity":
-        cos = cosines(ref, got)
-        report = {"reference": "pytorch-fp32", "sequences": len(seqs),
-                  "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
-        if report["min_cosine"] < MIN_COSINE:
-            raise BuildError(f"exported engine disagrees with PyTorch: min cosine "
-                             f"{report['min_cosine']:.6f} < {MIN_COSINE}")
-        return report, int(got.shape[1])
-    diff = float(np.abs(ref - got).max())
-    report = {"reference": "pytorch-fp32", "sequences": len(seqs), "max_abs_prob_diff": diff}
-    if diff > MAX_PROB_DIFF:
-        raise BuildError(f"exported engine disagrees with PyTorch: max probability "
-                         f"difference {diff:.2e} > {MAX_PROB_DIFF}")
-    return report, 1

@@ -19,8 +19,10 @@ def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
     """Load an artifact on its backend's runtime.
 
     `device`, `lanes` and `graphs` apply to GPU runtimes (torch, tensorrt); they check the
-    device's own free memory, the CPU runtime the host's. `spin` off makes ONNX Runtime's idle
-    threads yield their cores (for hosts shared with other busy processes).
+    device's own free memory, the CPU runtimes the host's. `lanes` also applies to OpenVINO:
+    infer requests (and CPU streams) of one compiled model, sharing `threads`. `spin` off
+    makes ONNX Runtime's idle threads yield their cores (for hosts shared with other busy
+    processes).
     `load_max_bytes_per_s` caps the torch runtime's host-to-device weight copies, made in
     chunks of `load_chunk_bytes` (None: 8 MiB): a hot reload beside a serving engine passes
     a cap, a cold start none (see docs/gpu.md). The engine's `load_phases` says how long each
@@ -35,6 +37,14 @@ def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime"
                                      ) from exc
         return OnnxRuntimeEngine(Path(path), threads=threads, verify=verify, spin=spin)
+    if manifest.backend == "openvino":
+        if check_memory:
+            check_fits(Path(path), manifest.memory_bytes, host_available_bytes())
+        try:
+            from engines.openvino_runtime import OpenVinoEngine
+        except ImportError as exc:
+            raise BackendUnavailable("openvino is not installed: pip install openvino") from exc
+        return OpenVinoEngine(Path(path), threads=threads, lanes=lanes, verify=verify)
     if manifest.backend == "torch":
         try:
             from engines.torch_runtime import TorchEngine, TorchOptions

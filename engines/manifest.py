@@ -32,7 +32,7 @@ WORKSPACE_FACTOR = 2
 
 # The file a backend's runtime loads (the rest of an artifact is tokenizer, config, caches).
 MODEL_FILES = {"onnxruntime": "model.onnx", "torch": "weights.safetensors",
-               "tensorrt": "model.plan"}
+               "tensorrt": "model.plan", "openvino": "model.xml"}  # (+ model.bin)
 
 Head = Literal["similarity", "classifier"]
 HEADS: tuple[str, ...] = ("similarity", "classifier")

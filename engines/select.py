@@ -22,6 +22,18 @@ from engines.tokenizer import QueryTokenizer, artifact_tokenizer
 
 log = structlog.get_logger(__name__)
 
+CPU_BACKENDS = ("openvino", "onnxruntime")  # the default first (bench/engine_cpu.py)
+
+
+def default_backend() -> str:
+    """The backend an engine is built for when none is asked for and none is promoted:
+    OpenVINO, which measured faster and closer to FP32 than ONNX Runtime (docs/benchmarks.md),
+    or ONNX Runtime where OpenVINO is not installed."""
+    import importlib.util
+
+    return next((b for b in CPU_BACKENDS if importlib.util.find_spec(b) is not None),
+                "onnxruntime")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
@@ -32,15 +44,17 @@ class EngineSettings:
     artifact: Path | None = None  # load this artifact instead of building from `model`
     head: Head | None = None  # None: from the model's config
     max_length: int | None = None  # None: from the model's config
-    # None: onnxruntime: INT8 chosen by measurement for the similarity head, FP32 for
+    # None: openvino, onnxruntime: INT8 checked against FP32 for the similarity head, FP32 for
     # classifiers (whose INT8 selection is not built yet); torch: FP16.
     precision: str | None = None
     quant: QuantSpec = field(default_factory=QuantSpec)
     threads: int | None = None  # engine intra-op threads; None: all cores
     rebuild: bool = False
-    backend: str | None = None  # None: the promoted engine's, else onnxruntime
+    backend: str | None = None  # None: the promoted engine's, else default_backend()
     devices: tuple[str, ...] = ()  # torch: where engines run; (): cuda:0 / every GPU / cpu
-    lanes: int | None = None  # torch: streams per engine; None: 2 on a GPU, 1 on CPU
+    # torch: streams per engine (None: 2 on a GPU, 1 on CPU); openvino: infer requests of the
+    # one compiled model, each on its own CPU stream (None: 1)
+    lanes: int | None = None
     graphs: bool = True  # torch: CUDA graphs per shape bucket
     spin: bool = True  # onnxruntime: idle intra-op threads spin (off: yield the core)
 
@@ -70,7 +84,7 @@ def find_artifact(settings: EngineSettings,
     return ensure_engine(source, settings.engine_dir,
                          precision=settings.default_precision(source.head),
                          quant=settings.quant, rebuild=settings.rebuild, progress=progress,
-                         backend=settings.backend or "onnxruntime")
+                         backend=settings.backend or default_backend())
 
 
 def _promoted(settings: EngineSettings, engine_dir: Path, model_id: str) -> Path | None:
@@ -95,8 +109,8 @@ def _promoted(settings: EngineSettings, engine_dir: Path, model_id: str) -> Path
 
 def serving_devices(settings: EngineSettings, backend: str) -> list[str | None]:
     """One entry per engine to load: the devices asked for, else every visible GPU for a
-    torch engine (cpu where there is none); [None] (the runtime's default) for onnxruntime."""
-    if backend == "onnxruntime":
+    torch engine (cpu where there is none); [None] (the runtime's default) for CPU backends."""
+    if backend in CPU_BACKENDS:
         return [None]
     if settings.devices:
         return list(settings.devices)

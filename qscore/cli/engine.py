@@ -63,6 +63,7 @@ def engine_build(
     from engines.build import ensure_engine
     from engines.loader import load_engine
     from engines.registry import EngineRegistry
+    from engines.select import default_backend
     from engines.source import resolve_model
 
     configure_logging(log_level)
@@ -78,7 +79,7 @@ def engine_build(
         with err.status("building the engine") as status:
             path = ensure_engine(source, engine_dir, rebuild=rebuild, progress=status.update,
                                  precision=settings.default_precision(source.head),
-                                 quant=quant, backend=settings.backend or "onnxruntime",
+                                 quant=quant, backend=settings.backend or default_backend(),
                                  device=device)
             engine = load_engine(path, threads=1, device=device, lanes=1, graphs=False)
         current = EngineRegistry(engine_dir).current(source.model_id)

@@ -36,8 +36,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from engines.build import BACKENDS
 from engines.quantize import QuantSpec
-from engines.select import EngineSettings
+from engines.select import EngineSettings, default_backend
 from plumbing.cache import DEFAULT_TTL_S, CacheSettings, CacheSettingsError
 from plumbing.kafka import (
     FAST_GROUP_TIMINGS,
@@ -135,13 +136,15 @@ EngineArtifact = Annotated[Path | None, typer.Option(
 EngineDir = Annotated[Path, typer.Option(
     "--engine-dir", envvar="QSCORE_ENGINE_DIR", help="Where built engines are cached.")]
 Precision = Annotated[str | None, typer.Option(
-    "--precision", envvar="QSCORE_PRECISION", help="onnxruntime: fp32 or int8 (default: int8, "
-    "chosen by measurement, for similarity models; fp32 for classifiers). torch: fp32, fp16 "
-    "(default), int8 or fp8 (Ada/Hopper GPUs).")]
+    "--precision", envvar="QSCORE_PRECISION", help="openvino, onnxruntime: fp32 or int8 "
+    "(default: int8, checked against FP32 on real queries, for similarity models; fp32 for "
+    "classifiers). torch: fp32, fp16 (default), int8 or fp8 (Ada/Hopper GPUs).")]
 Backend = Annotated[str | None, typer.Option(
-    "--backend", envvar="QSCORE_BACKEND", help="Runtime: onnxruntime (CPU), torch (CUDA "
-    "GPUs: FP16/INT8/FP8, CUDA graphs, one stream per lane) or tensorrt (INT8/FP16 plans; "
-    "needs tensorrt + pycuda). Default: the promoted engine's, else onnxruntime.")]
+    "--backend", envvar="QSCORE_BACKEND", help="Runtime: openvino (CPU: calibrated static "
+    "INT8 on VNNI/AMX), onnxruntime (CPU: dynamic INT8), torch (CUDA GPUs: FP16/INT8/FP8, "
+    "CUDA graphs, one stream per lane) or tensorrt (INT8/FP16 plans; needs tensorrt + "
+    "pycuda). Default: the promoted engine's, else openvino (the faster CPU engine measured, "
+    "docs/benchmarks.md), or onnxruntime where OpenVINO is not installed.")]
 Device = Annotated[str | None, typer.Option(
     "--device", envvar="QSCORE_DEVICE", help="Where a torch engine runs: cuda:N or cpu "
     "(default: cuda:0 when a GPU is visible).")]
@@ -368,14 +371,14 @@ def engine_settings(model: str, engine_dir: Path, artifact: Path | None, head: s
     """EngineSettings from CLI options; BadParameter names the flag to fix."""
     if head not in (None, "similarity", "classifier"):
         raise typer.BadParameter(f"--head must be similarity or classifier, not {head!r}")
-    if backend not in (None, "onnxruntime", "torch", "tensorrt"):
-        raise typer.BadParameter(f"--backend must be onnxruntime, torch or tensorrt, not "
+    if backend not in (None, *BACKENDS):
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, not "
                                  f"{backend!r}")
     allowed = {"torch": ("fp32", "fp16", "int8", "fp8"), "tensorrt": ("fp16", "int8")}.get(
         backend or "", ("fp32", "int8"))
     if precision not in (None, *allowed):
         raise typer.BadParameter(f"--precision must be one of {', '.join(allowed)} for the "
-                                 f"{backend or 'onnxruntime'} backend, not {precision!r}")
+                                 f"{backend or default_backend()} backend, not {precision!r}")
     for device in devices:
         if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise typer.BadParameter(f"device {device!r}: use cuda:N or cpu")

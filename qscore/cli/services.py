@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol
 
@@ -133,8 +134,10 @@ def worker(
     topics: Topics,
     service: ServiceOptions,
     engines: Annotated[int, typer.Option(envvar="QSCORE_ENGINES", min=1, help=(
-        "onnxruntime: engine instances (sessions); with 2+ the next batch is formed while "
-        "one runs. torch: ignored, one engine per --devices entry with --streams lanes."))]
+        "CPU engine instances: with 2+ the next batch is formed while one runs. onnxruntime: "
+        "sessions; openvino: infer requests (lanes) of one compiled model sharing its weights, "
+        "each on its own CPU stream. torch: ignored, one engine per --devices entry with "
+        "--streams lanes."))]
     = 1,
     backend: Backend = None,
     precision: Precision = None,
@@ -202,6 +205,10 @@ def worker(
         per_engine = threads or max(1, (os.cpu_count() or 1) // engines)
         if manifest.backend == "onnxruntime":
             loaded = [load_for(settings_, path, threads=per_engine) for _ in range(engines)]
+        elif manifest.backend == "openvino":  # one compiled model, a lane per instance
+            settings_ = replace(settings_, lanes=engines)
+            per_engine = threads * engines if threads else (os.cpu_count() or 1)
+            loaded = [load_for(settings_, path, threads=per_engine)]
         else:
             loaded = [load_for(settings_, path, device)
                       for device in serving_devices(settings_, manifest.backend)]
