@@ -41,6 +41,7 @@ from engines.manifest import (
     read_manifest,
     write_manifest,
 )
+from engines.openvino_runtime import import_openvino, telemetry_off
 from engines.quantize import (
     QuantSpec,
     encode_texts,
@@ -96,28 +97,29 @@ def quant_options(quant: QuantSpec) -> dict[str, object]:
 
 def _require_openvino() -> None:
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError as exc:
         raise BuildError("the openvino backend needs OpenVINO: pip install openvino") from exc
 
 
 def _build_fp32(source: ModelSource, target: Path, full_hash: str, say: Progress) -> Path:
-    import openvino as ov
     import torch
 
     from engines.export import _load_torch_model, head_module
     from engines.openvino_runtime import INFERENCE_PRECISION, OpenVinoEngine
     from engines.tokenizer import QueryTokenizer, tokenizer_id_of
 
+    ov = import_openvino()
     started = time.perf_counter()
     with build_dir(source, target) as work:
         say(f"converting {source.model_id} ({source.head} head) to OpenVINO")
         module = head_module(source, _load_torch_model(source))
         dummy = torch.ones((2, 8), dtype=torch.long)
         try:
-            model = ov.convert_model(
-                module, example_input=(dummy, dummy, torch.zeros_like(dummy)),
-                input=[(name, [-1, -1], ov.Type.i64) for name in INPUT_NAMES])
+            with telemetry_off():
+                model = ov.convert_model(
+                    module, example_input=(dummy, dummy, torch.zeros_like(dummy)),
+                    input=[(name, [-1, -1], ov.Type.i64) for name in INPUT_NAMES])
         except Exception as exc:
             raise BuildError(f"OpenVINO cannot convert {source.model_id}: {exc}") from exc
         # FP16-compressed weights would be decompressed at load: not the FP32 engine.
@@ -168,11 +170,9 @@ class _Runner:
     each output row written back at its text's index."""
 
     def __init__(self, threads: int | None) -> None:
-        import openvino as ov
-
         from engines.openvino_runtime import inference_config
 
-        self.core = ov.Core()
+        self.core = import_openvino().Core()
         self.config = inference_config(threads or 0, 1)
 
     def compile(self, model: Any) -> Any:
@@ -240,8 +240,15 @@ def _quantized(node: Any) -> bool:
 
 def _build_int8(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
                 say: Progress) -> Path:
+    with telemetry_off():
+        return _build_int8_quietly(fp32, target, full_hash, quant, say)
+
+
+def _build_int8_quietly(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
+                        say: Progress) -> Path:
     import nncf
-    import openvino as ov
+
+    ov = import_openvino()
 
     from engines.tokenizer import QueryTokenizer
 

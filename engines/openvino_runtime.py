@@ -8,9 +8,12 @@ lane owns an infer request, so two lanes run two batches at once on one copy of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,33 @@ BACKEND = "openvino"
 # on CPUs with AMX or AVX-512 BF16 the default is bf16, which would serve other numbers than
 # the ones the build measured against FP32.
 INFERENCE_PRECISION = "f32"
+
+
+@contextlib.contextmanager
+def telemetry_off() -> Iterator[None]:
+    """OpenVINO (on import and in its converter) and NNCF (on import) start usage telemetry
+    that writes a client id under ~/intel and sends events to Google Analytics unless a
+    consent file there says no: opt-out, where qscore must not phone home or write to a home
+    directory. Both skip it in CI, which they read from the environment (CI=true; NNCF_CI),
+    so these steps run as if in CI; the variables are restored after."""
+    saved = {name: os.environ.get(name) for name in ("CI", "NNCF_CI")}
+    os.environ.update({"CI": "true", "NNCF_CI": "1"})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def import_openvino() -> ModuleType:
+    """`import openvino`, without its telemetry (telemetry_off)."""
+    with telemetry_off():
+        import openvino
+
+    return openvino
 
 
 def inference_config(threads: int, lanes: int, pinning: bool = False) -> dict[str, Any]:
@@ -72,8 +102,7 @@ class OpenVinoEngine:
 
     def __init__(self, path: Path, *, threads: int | None = None, lanes: int | None = None,
                  verify: bool = True, pinning: bool = False) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest.backend != BACKEND:
