@@ -8,13 +8,17 @@ on the calibration third of real queries, so OpenVINO runs the MatMuls on the in
 dot-product units), then measured on the validation third against the same budget as ONNX
 Runtime's INT8 search (mean and p1 cosine to FP32, Spearman of query-doc scores). When the
 budget is missed, NNCF's accuracy-aware quantization returns layers to FP32, most sensitive
-first, up to `max_exclude` of them; the layers left in FP32 are read back from the graph and
-recorded in the manifest.
+first, in at most `max_exclude` steps (a step returns a group of layers that share a quantizer,
+e.g. the Q, K and V projections, or an embedding table); the layers left in FP32 are read back
+from the graph and recorded in the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -211,37 +215,59 @@ def _metrics(got: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
 
 
 QUANTIZABLE = ("MatMul", "ScaledDotProductAttention")
+# Embedding lookups: NNCF quantizes their tables (weights only), and accuracy control may return
+# one to FP32 without touching any MatMul.
+EMBEDDING = "Gather"
+_AROUND_WEIGHTS = ("Convert", "Reshape", "Transpose", "Multiply", "Subtract")
 
 
 def fp32_layers(model: Any) -> list[str]:
-    """The MatMuls (linear layers and attention products) of a quantized graph none of whose
-    inputs is quantized: the layers left in FP32."""
+    """The layers of a quantized graph left in FP32: the MatMuls (linear layers and attention
+    products) none of whose inputs is quantized, and the embedding lookups whose table is
+    neither INT8 nor behind a FakeQuantize."""
     out = []
     for op in model.get_ops():
-        if op.get_type_name() not in QUANTIZABLE:
-            continue
-        sources = [op.input_value(i).get_node() for i in range(min(2, op.get_input_size()))]
-        if not any(_quantized(s) for s in sources):
-            out.append(op.get_friendly_name())
+        kind = op.get_type_name()
+        if kind in QUANTIZABLE:
+            sources = [op.input_value(i).get_node() for i in range(min(2, op.get_input_size()))]
+            if not any(_quantized(s) for s in sources):
+                out.append(op.get_friendly_name())
+        elif kind == EMBEDDING:
+            table = _behind_wrappers(op.input_value(0).get_node())
+            if table.get_type_name() == "Constant" and len(table.get_output_shape(0)) >= 2 \
+                    and not table.get_output_element_type(0).is_integral():
+                out.append(op.get_friendly_name())  # an FP32 table (shape Gathers are skipped)
     return sorted(out)
 
 
-def _quantized(node: Any) -> bool:
-    # FakeQuantize, possibly behind the Convert/Reshape/Transpose NNCF leaves around weights
+def _behind_wrappers(node: Any) -> Any:
+    # The FakeQuantize or Constant behind the Convert/Reshape/Transpose/Multiply/Subtract NNCF
+    # leaves around weights (INT8 weights are Constant(i8) -> Convert -> [Subtract] -> Multiply)
     for _ in range(4):
-        if node.get_type_name() == "FakeQuantize":
-            return True
-        if node.get_type_name() not in ("Convert", "Reshape", "Transpose", "Multiply",
-                                        "Subtract"):
-            return False
+        if node.get_type_name() not in _AROUND_WEIGHTS:
+            return node
         node = node.input_value(0).get_node()
-    return False
+    return node
+
+
+def _quantized(node: Any) -> bool:
+    return bool(_behind_wrappers(node).get_type_name() == "FakeQuantize")
 
 
 def _build_int8(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
                 say: Progress) -> Path:
+    # NNCF's progress bars go to stdout, where `qscore engine build` prints only the artifact;
+    # its INFO lines repeat what `say` reports; at DEBUG it writes ./nncf_debug/ (cwd).
     with telemetry_off():
-        return _build_int8_quietly(fp32, target, full_hash, quant, say)
+        import nncf
+
+        level = nncf.common.logging.nncf_logger.level
+        nncf.set_log_level(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return _build_int8_quietly(fp32, target, full_hash, quant, say)
+        finally:
+            nncf.set_log_level(level)
 
 
 def _build_int8_quietly(fp32: Path, target: Path, full_hash: str, quant: QuantSpec,
@@ -281,7 +307,7 @@ def _build_int8_quietly(fp32: Path, target: Path, full_hash: str, quant: QuantSp
         say(_said(candidates[-1]))
         budget = quant.budget
         if not meets(candidates[-1]["metrics"], budget) and quant.max_exclude > 0:
-            say(f"below the budget; returning up to {quant.max_exclude} layers to FP32")
+            say(f"below the budget; returning layers to FP32 ({quant.max_exclude} steps at most)")
             quantized = _restore(nncf, fp32_model, calibration, data, ref, quant, runner)
             candidates.append(_candidate("nncf-ptq-accuracy-control", quantized,
                                          _metrics(_measure(runner, quantized, data), ref)))

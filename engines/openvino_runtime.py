@@ -140,8 +140,8 @@ class OpenVinoEngine:
     def run(self, batch: PaddedBatch, lane: int = 0) -> np.ndarray:
         arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "token_type_ids": batch.token_type_ids}
-        request = self._requests[lane]
         try:
+            request = self._requests[lane]
             request.infer({name: arrays[name] for name in self._inputs}, share_inputs=True)
             # The output tensor is the request's own buffer, rewritten by its next call.
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
