@@ -69,6 +69,18 @@ def torch_artifacts(engine_root: Path) -> dict[str, Path]:
             for p in ("fp16", "int8", "fp8")}
 
 
+@pytest.fixture(scope="session")
+def openvino_artifacts(engine_root: Path) -> dict[str, Path]:
+    """The default model built for the openvino backend, FP32 and INT8 (not promoted). The
+    INT8 build makes the FP32 one first; asking for FP32 afterwards finds it by content hash."""
+    source = resolve_model("default")
+    int8 = ensure_engine(source, engine_root, precision="int8", backend="openvino",
+                         promote=False)
+    fp32 = ensure_engine(source, engine_root, precision="fp32", backend="openvino",
+                         promote=False)
+    return {"fp32": fp32, "int8": int8}
+
+
 # -- registry versions for follow/reload tests (plain helpers, not fixtures) -------------------
 def copy_version(src: Path, root: Path, name: str, **manifest_changes: object) -> Path:
     """A copy of artifact `src` as version `name` of its model in registry `root` (not
