@@ -53,11 +53,19 @@ def _registry(src: Path, root: Path, *more: str) -> tuple[EngineRegistry, str]:
     return registry, model
 
 
+@pytest.fixture(params=["onnxruntime", "openvino"])
+def served(request: pytest.FixtureRequest) -> Path:
+    """The INT8 artifact of the default model on each CPU backend."""
+    if request.param == "openvino":
+        return request.getfixturevalue("openvino_artifacts")["int8"]
+    return request.getfixturevalue("default_engine_path")
+
+
 async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
         kafka_bootstrap: str, create_topic, topic_name: str,  # type: ignore[no-untyped-def]
-        default_engine_path: Path, tmp_path: Path) -> None:
+        served: Path, tmp_path: Path) -> None:
     root = tmp_path / "registry"
-    registry, model = _registry(default_engine_path, root, "v3-corrupt")
+    registry, model = _registry(served, root, "v3-corrupt")
     bad = registry.get(model, "v3-corrupt")
     topics = await _topics(create_topic, topic_name)
     engine = load_engine(registry.get(model), threads=1)
@@ -91,7 +99,7 @@ async def test_a_promotion_is_followed_and_a_corrupt_one_refused_while_serving(
         # Promoted intact, then rotted on the shared volume: the worker refuses it and v1
         # keeps serving.
         registry.promote(model, "v3-corrupt", smoke=False)
-        with (bad / "model.onnx").open("r+b") as f:
+        with (bad / read_manifest(bad).model_file).open("r+b") as f:
             f.seek(1000)
             byte = f.read(1)
             f.seek(1000)
