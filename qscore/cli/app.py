@@ -11,7 +11,7 @@ from qscore.cli.client import consume, publish, topics_app
 from qscore.cli.engine import engine_app
 from qscore.cli.fleet import up
 from qscore.cli.options import kafka_command, service_command
-from qscore.cli.rescore import rescore
+from qscore.cli.rescore import merge, rescore
 from qscore.cli.services import tokenizer, worker
 from qscore.cli.status import status
 
@@ -27,6 +27,7 @@ def version() -> None:
 
 
 app.command()(rescore)
+app.command()(merge)
 app.add_typer(engine_app, name="engine")
 app.command()(version)
 app.command("publish")(kafka_command(publish))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +41,7 @@ from qscore.cli.options import (
     engine_settings,
 )
 from qscore.cli.output import RateColumn, err, fail, print_summary
+from qscore.offline.querylog import DEFAULT_DEDUPE_WINDOW
 from qscore.offline.rescore import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_ITEMS, RescoreSettings
 from schemas import Limits
 from workers.scoring import BatchLimits
@@ -50,7 +55,8 @@ def rescore(
         "Query log: JSONL {id, query, docs?} or TSV id<TAB>query[<TAB>doc...]; .gz is read "
         "transparently."))],
     output: Annotated[Path, typer.Option("--output", "-o", help=(
-        "Scores as JSONL, in input order. Bad lines go to OUTPUT.rejected.jsonl."))],
+        "Scores in input order (JSONL, or Parquet for --format parquet or a .parquet name). "
+        "Bad lines go to OUTPUT.rejected.jsonl; a checkpoint beside it while the run goes."))],
     model: EngineModel = "default",
     engine_dir: EngineDir = DEFAULT_ENGINE_DIR,
     artifact: EngineArtifact = None,
@@ -64,14 +70,31 @@ def rescore(
         "per engine (rescore drives one).")] = None,
     graphs: Graphs = True,
     threads: Threads = None,
-    fmt: Annotated[str, typer.Option("--format", envvar="QSCORE_FORMAT",
-                                     help="auto | jsonl | tsv")] = "auto",
+    out_format: Annotated[str | None, typer.Option("--format", envvar="QSCORE_FORMAT", help=(
+        "Output format: jsonl or parquet (default: parquet for a .parquet output, else "
+        "jsonl)."))] = None,
+    fmt: Annotated[str, typer.Option("--input-format", envvar="QSCORE_INPUT_FORMAT",
+                                     help="The input's format: auto | jsonl | tsv")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help=(
+        "Continue an interrupted run from its checkpoint (OUTPUT.checkpoint.json). Refused "
+        "if the input, the engine version or the settings differ."))] = False,
+    restart: Annotated[bool, typer.Option("--restart", help=(
+        "Discard an interrupted run's checkpoint and start again."))] = False,
+    shard: Annotated[str | None, typer.Option("--shard", envvar="QSCORE_SHARD", help=(
+        "I/N: score only blocks b (of --chunk-items lines) with b % N = I - 1, so N machines "
+        "split one log with no coordination; join the outputs with `qscore merge`."))]
+    = None,
+    dedupe_window: Annotated[int, typer.Option(envvar="QSCORE_DEDUPE_WINDOW", min=1, help=(
+        "A line whose id is on one of this many previous good lines is rejected as a "
+        "duplicate (memory: ~100 B an id; farther duplicates are scored)."))]
+    = DEFAULT_DEDUPE_WINDOW,
     batch_size: Annotated[int, typer.Option(envvar="QSCORE_BATCH_SIZE", min=1, help=(
         "Max sequences per engine call."))] = _BATCH.max_batch,
     token_budget: Annotated[int, typer.Option(envvar="QSCORE_TOKEN_BUDGET", min=1, help=(
         "Max padded tokens (count x longest) per engine call."))] = _BATCH.token_budget,
     chunk_items: Annotated[int, typer.Option(envvar="QSCORE_CHUNK_ITEMS", min=1, help=(
-        "Items tokenized and length-sorted together."))] = DEFAULT_CHUNK_ITEMS,
+        "Lines in a block: items tokenized and length-sorted together at most, and the unit "
+        "--shard splits by."))] = DEFAULT_CHUNK_ITEMS,
     chunk_bytes: Annotated[int, typer.Option(envvar="QSCORE_CHUNK_BYTES", min=1, help=(
         "Input bytes tokenized together, at most: a window closes at --chunk-items or "
         "this, whichever comes first (bounds memory)."))]
@@ -88,12 +111,26 @@ def rescore(
         "Show a progress bar (on a terminal)."))] = True,
     log_level: LogLevel = "warning",
 ) -> None:
-    """Score a query log in process (no broker needed) and print a summary."""
+    """Score a query log in process (no broker needed) and print a summary.
+
+    Resumable: the output grows window by window with a checkpoint beside it; after any
+    interruption (Ctrl-C, SIGTERM, SIGKILL, a crash) the same command with --resume continues,
+    and the output is what one uninterrupted run writes."""
     from engines.select import open_engine
+    from qscore.offline.checkpoint import ResumeRefused
+    from qscore.offline.outputs import format_for
     from qscore.offline.querylog import count_lines
+    from qscore.offline.rescore import Interrupted, Shard
     from qscore.offline.rescore import rescore as run_rescore
 
     configure_logging(log_level)
+    if resume and restart:
+        raise typer.BadParameter("--resume and --restart exclude each other")
+    try:
+        format_for(output, out_format)
+        parsed_shard = Shard.parse(shard) if shard else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     limits = Limits(max_query_chars=max_query_chars, max_doc_chars=max_doc_chars,
                     max_docs_per_item=max_docs, max_message_bytes=max_line_bytes)
     settings = RescoreSettings(
@@ -103,21 +140,66 @@ def rescore(
                                 devices=device_list(device), lanes=streams, graphs=graphs),
         batch=BatchLimits(max_batch=batch_size, token_budget=token_budget),
         limits=limits, chunk_items=chunk_items, chunk_bytes=chunk_bytes, fmt=fmt,
-        progress=progress)
+        progress=progress, out_format=out_format, resume=resume, restart=restart,
+        shard=parsed_shard, dedupe_window=dedupe_window)
     if fmt not in ("auto", "jsonl", "tsv"):
-        raise typer.BadParameter(f"--format must be auto, jsonl or tsv, not {fmt!r}")
+        raise typer.BadParameter(f"--input-format must be auto, jsonl or tsv, not {fmt!r}")
     try:
         with err.status("preparing the engine") as status:
             engine, tokenizer = open_engine(settings.engine, progress=status.update)
         total = count_lines(input)
-        with _progress_bar(enabled=progress) as bar:
+        with _progress_bar(enabled=progress) as bar, sigterm_interrupts():
             task = bar.add_task("scoring", total=total)
             summary = run_rescore(settings, engine, tokenizer,
                                   on_progress=lambda n: bar.advance(task, n))
             bar.update(task, completed=total)
+    except Interrupted as exc:
+        err.print(f"{exc}\nresume with the same command and --resume:\n  "
+                  + " ".join(_resume_command()), soft_wrap=True)
+        raise typer.Exit(130) from None
+    except ResumeRefused as exc:
+        fail(exc)
     except (EngineError, OSError, ValueError) as exc:
         fail(exc)
     _print_summary(summary.as_dict())
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) stops the run as Ctrl-C does: at a checkpoint."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_command() -> list[str]:
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--restart")]
+    return [shlex.quote(a) for a in ["qscore", *args, "--resume"]]
+
+
+def merge(
+    shards: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help=(
+        "The outputs of every `qscore rescore --shard I/N` run of one log."))],
+    output: Annotated[Path, typer.Option("--output", "-o", help=(
+        "The joined output (and OUTPUT.rejected.jsonl): what one unsharded run writes."))],
+    log_level: LogLevel = "warning",
+) -> None:
+    """Join shard outputs in input order, checking no line is missing or doubled."""
+    from qscore.offline.merge import MergeError
+    from qscore.offline.merge import merge as run_merge
+
+    configure_logging(log_level)
+    try:
+        summary = run_merge(shards, output)
+    except (MergeError, OSError, ValueError) as exc:
+        fail(exc)
+    _print_summary(summary.as_dict(), title="merge summary")
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -129,7 +211,7 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
-def _print_summary(summary: dict[str, object]) -> None:
-    print_summary("rescore summary", summary)
+def _print_summary(summary: dict[str, object], title: str = "rescore summary") -> None:
+    print_summary(title, summary)
     # Machine-readable too, for scripts: one JSON line on stdout.
     sys.stdout.write(orjson.dumps(summary).decode() + "\n")

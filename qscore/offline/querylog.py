@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 import orjson
 
 from schemas import DEFAULT_LIMITS, Limits, QueryItem, SchemaError
 
-__all__ = ["LogFormat", "LogRecord", "count_lines", "detect_format", "iter_query_log"]
+__all__ = ["DEFAULT_DEDUPE_WINDOW", "LogFormat", "LogRecord", "count_lines", "detect_format",
+           "iter_query_log"]
 
 LogFormat = Literal["auto", "jsonl", "tsv"]
 
@@ -32,9 +34,13 @@ _CHUNK = 1 << 20
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
+DEFAULT_DEDUPE_WINDOW = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
-    """One non-blank line of a query log: exactly one of `item` and `error` is set.
+    """One line of a query log: at most one of `item` and `error` is set; neither for a blank
+    line (yielded only when asked for, `blank=True`).
 
     `line` is 1-based and counts every line of the (decompressed) file, blank ones included.
     `raw` is the line without its terminator; for an over-long line only its first
@@ -49,6 +55,10 @@ class LogRecord:
     @property
     def ok(self) -> bool:
         return self.item is not None
+
+    @property
+    def blank(self) -> bool:
+        return self.item is None and self.error is None
 
 
 def _open(path: Path) -> BinaryIO:
@@ -128,18 +138,28 @@ def _strip_eol(chunk: bytes) -> bytes:
     return chunk.removesuffix(b"\n").removesuffix(b"\r")
 
 
-def _iter_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, int | None]]:
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def _iter_lines(f: BinaryIO, max_bytes: int,
+                digest: Digest | None = None) -> Iterator[tuple[bytes, int | None]]:
     """Yield (line without its terminator, None), or (first max_bytes bytes, length) if longer.
 
     Reads at most `max_bytes + 2` bytes at a time (room for CRLF), so an over-long line is
-    skipped in bounded chunks and never held whole in memory, nor decoded.
+    skipped in bounded chunks and never held whole in memory, nor decoded. Every byte read
+    goes to `digest` before its line is yielded, so between two lines it holds exactly the
+    lines so far.
     """
     limit = max_bytes + 2
+    feed = digest.update if digest is not None else (lambda _: None)
     while chunk := f.readline(limit):
+        feed(chunk)
         if len(chunk) == limit and not chunk.endswith(b"\n"):
             prefix, length = chunk[:max_bytes], len(chunk)
             while chunk and not chunk.endswith(b"\n"):
                 chunk = f.readline(_CHUNK)
+                feed(chunk)
                 length += len(chunk)
             yield prefix, length - len(chunk) + len(_strip_eol(chunk))
             continue
@@ -147,27 +167,53 @@ def _iter_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, int | None
         yield (line, None) if len(line) <= max_bytes else (line[:max_bytes], len(line))
 
 
+class _RecentIds:
+    """The line of each of the last `size` good ids: memory stays bounded however long the
+    log (about 100 bytes an id), and a duplicate is caught while its first copy is this
+    recent."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"dedupe window must be >= 1 id, not {size}")
+        self.size = size
+        self._lines: OrderedDict[str, int] = OrderedDict()
+
+    def first(self, item_id: str, line: int) -> int:
+        """The line `item_id` was first seen on among the recent ids, else remember `line`."""
+        if (seen := self._lines.get(item_id)) is not None:
+            return seen
+        self._lines[item_id] = line
+        if len(self._lines) > self.size:
+            self._lines.popitem(last=False)
+        return line
+
+
 def iter_query_log(
     path: Path,
     limits: Limits = DEFAULT_LIMITS,
     fmt: LogFormat = "auto",
+    *,
+    dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
+    blank: bool = False,
+    digest: Digest | None = None,
 ) -> Iterator[LogRecord]:
-    """Stream `path` (JSONL or TSV, plain or gzip) as one `LogRecord` a non-blank line.
+    """Stream `path` (JSONL or TSV, plain or gzip) as one `LogRecord` a non-blank line (and a
+    blank record for each blank line, with `blank`).
 
-    Blank lines are skipped; CRLF endings and a leading UTF-8 BOM are accepted. Every other
-    problem (bad UTF-8 or JSON, a schema violation, a line over `limits.max_message_bytes`, an
-    id already seen earlier in the file) becomes a record with `error` set, and reading goes
-    on. A truncated or corrupt gzip stream ends the log with one final error record.
+    CRLF endings and a leading UTF-8 BOM are accepted. Every other problem (bad UTF-8 or
+    JSON, a schema violation, a line over `limits.max_message_bytes`, an id seen on one of the
+    previous `dedupe_window` good lines) becomes a record with `error` set, and reading goes
+    on. A truncated or corrupt gzip stream ends the log with one final error record. The
+    (decompressed) bytes are fed to `digest` as they are read (_iter_lines).
     """
     path = Path(path)
     parse = _parse_jsonl if detect_format(path, fmt) == "jsonl" else _parse_tsv
     max_bytes = limits.max_message_bytes
-    # Ids are small; remembering them is the one thing that grows with the file.
-    seen: dict[str, int] = {}
+    recent = _RecentIds(dedupe_window)
     lineno = 0
     with _open(path) as f:
         try:
-            for raw, overlong in _iter_lines(f, max_bytes):
+            for raw, overlong in _iter_lines(f, max_bytes, digest):
                 lineno += 1
                 if lineno == 1:
                     raw = raw.removeprefix(UTF8_BOM)
@@ -176,6 +222,8 @@ def iter_query_log(
                     yield LogRecord(lineno, None, reason, raw)
                     continue
                 if not raw.strip():
+                    if blank:
+                        yield LogRecord(lineno, None, None, raw)
                     continue
                 try:
                     obj = parse(raw)
@@ -183,7 +231,7 @@ def iter_query_log(
                 except (_LineError, SchemaError) as e:
                     yield LogRecord(lineno, None, str(e), raw)
                     continue
-                first = seen.setdefault(item.id, lineno)
+                first = recent.first(item.id, lineno)
                 if first != lineno:
                     reason = f"duplicate id {item.id!r}, first seen at line {first}"
                     yield LogRecord(lineno, None, reason, raw)

@@ -138,4 +138,4 @@ def test_progress_moves_per_engine_call_and_ends_at_the_last_line(
     summary = rescore(settings, engine, tokenizer, on_progress=steps.append)
     assert sum(steps) == len(good) + len(bad)  # every line, once
     assert len(steps) > 3 and all(s > 0 for s in steps)  # several steps per window
-    assert summary.items == len(good) and summary.batches == len(summary.batch_ms)
+    assert summary.items == len(good) and summary.batches == len(summary.latency)
