@@ -38,8 +38,11 @@ def load_engine(path: Path, *, threads: int | None = None, verify: bool = True,
                                      ) from exc
         return OnnxRuntimeEngine(Path(path), threads=threads, verify=verify, spin=spin)
     if manifest.backend == "openvino":
-        if check_memory:
-            check_fits(Path(path), manifest.memory_bytes, host_available_bytes())
+        if check_memory:  # every lane (infer request) has its own activations
+            weights = manifest.files["model.bin"].bytes if "model.bin" in manifest.files else 0
+            needed = manifest.memory_bytes + (max(1, lanes or 1) - 1) * max(
+                0, manifest.memory_bytes - weights)
+            check_fits(Path(path), needed, host_available_bytes())
         try:
             from engines.openvino_runtime import OpenVinoEngine
         except ImportError as exc:
