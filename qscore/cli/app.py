@@ -26,7 +26,7 @@ def version() -> None:
     print(dist_version("qscore"))
 
 
-app.command()(rescore)
+app.command()(kafka_command(rescore))
 app.command()(merge)
 app.add_typer(engine_app, name="engine")
 app.command()(version)

@@ -1,14 +1,16 @@
-"""`qscore rescore`: score a query log in process, on one machine, with no broker."""
+"""`qscore rescore`: score a query log in process, on one machine, with no broker; or, with
+--fleet, on a running fleet (qscore.offline.fleet), into the same output."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shlex
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -23,6 +25,7 @@ from rich.progress import (
 )
 
 from engines.errors import EngineError
+from plumbing.kafka import KafkaSettings, Topics
 from plumbing.logs import configure_logging
 from qscore.cli.options import (
     DEFAULT_ENGINE_DIR,
@@ -42,15 +45,27 @@ from qscore.cli.options import (
 )
 from qscore.cli.output import RateColumn, err, fail, print_summary
 from qscore.offline.querylog import DEFAULT_DEDUPE_WINDOW
-from qscore.offline.rescore import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_ITEMS, RescoreSettings
+from qscore.offline.rescore import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CHUNK_ITEMS,
+    OnProgress,
+    RescoreSettings,
+    RescoreSummary,
+)
 from schemas import Limits
 from workers.scoring import BatchLimits
 
+if TYPE_CHECKING:
+    from qscore.offline.fleet import FleetOptions
+
 _DEFAULT = Limits()
 _BATCH = BatchLimits()
+_FLEET = "Fleet (--fleet)"
 
 
 def rescore(
+    kafka: KafkaSettings,
+    topics: Topics,
     input: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help=(
         "Query log: JSONL {id, query, docs?} or TSV id<TAB>query[<TAB>doc...]; .gz is read "
         "transparently."))],
@@ -110,12 +125,49 @@ def rescore(
     progress: Annotated[bool, typer.Option(envvar="QSCORE_PROGRESS", help=(
         "Show a progress bar (on a terminal)."))] = True,
     log_level: LogLevel = "warning",
+    fleet: Annotated[bool, typer.Option("--fleet", envvar="QSCORE_RESCORE_FLEET",
+                                        rich_help_panel=_FLEET, help=(
+        "Score on a running fleet (the Kafka options say where) instead of in process: the "
+        "log goes to its offline topic, so online traffic keeps priority, and every GPU host "
+        "of the fleet takes part. Same output, rejected file, checkpoint and --resume; the "
+        "engine options are the fleet's own and ignored here."))] = False,
+    reply_topic: Annotated[str | None, typer.Option(
+        envvar="QSCORE_REPLY_TOPIC", rich_help_panel=_FLEET, help=(
+            "Where the fleet writes the scores (must match its --reply-topics). Default: "
+            "PREFIX.scores.rescore-RUN, made for the run and deleted once it has finished. "
+            "A resumed run reads the whole topic: prefer the default for big logs."))] = None,
+    max_in_flight_windows: Annotated[int, typer.Option(
+        envvar="QSCORE_MAX_IN_FLIGHT_WINDOWS", min=1, rich_help_panel=_FLEET, help=(
+            "Windows published and not yet written, at most: bounds memory, and sets the "
+            "throughput (in flight / the fleet's latency); raise it for a large fleet."))] = 16,
+    window_timeout_s: Annotated[float, typer.Option(
+        envvar="QSCORE_WINDOW_TIMEOUT_S", min=0.001, rich_help_panel=_FLEET, help=(
+            "The run fails, checkpointed, when the oldest window is not fully answered this "
+            "long after it was published (or the previous one written)."))] = 600.0,
+    fleet_batch_items: Annotated[int, typer.Option(
+        envvar="QSCORE_FLEET_BATCH_ITEMS", min=1, max=_DEFAULT.max_items,
+        rich_help_panel=_FLEET, help="Items per QueryBatch, at most.")] = 256,
+    allow_version_change: Annotated[bool, typer.Option(
+        "--allow-version-change", envvar="QSCORE_ALLOW_VERSION_CHANGE", rich_help_panel=_FLEET,
+        help=("Go on when the fleet's model version changes mid-run or since the "
+              "checkpoint (each row carries its version); by default the run stops."))]
+    = False,
+    keep_reply_topic: Annotated[bool, typer.Option(
+        "--keep-reply-topic", envvar="QSCORE_KEEP_REPLY_TOPIC", rich_help_panel=_FLEET,
+        help="Keep the run's own reply topic once it has finished.")] = False,
+    reply_replication: Annotated[int, typer.Option(
+        envvar="QSCORE_REPLY_REPLICATION", min=1, rich_help_panel=_FLEET, help=(
+            "Copies of each partition of the run's own reply topic (3 for production)."))]
+    = 1,
 ) -> None:
-    """Score a query log in process (no broker needed) and print a summary.
+    """Score a query log in process (no broker needed), or on a running fleet (--fleet), and
+    print a summary.
 
     Resumable: the output grows window by window with a checkpoint beside it; after any
     interruption (Ctrl-C, SIGTERM, SIGKILL, a crash) the same command with --resume continues,
-    and the output is what one uninterrupted run writes."""
+    and the output is what one uninterrupted run writes. With --fleet, the engine counters of
+    the summary (sequences, batches, padding, batch latencies) are 0 and `truncated` is never
+    set: the fleet does not report them."""
     from engines.select import open_engine
     from qscore.offline.checkpoint import ResumeRefused
     from qscore.offline.outputs import format_for
@@ -144,6 +196,16 @@ def rescore(
         shard=parsed_shard, dedupe_window=dedupe_window)
     if fmt not in ("auto", "jsonl", "tsv"):
         raise typer.BadParameter(f"--input-format must be auto, jsonl or tsv, not {fmt!r}")
+    if fleet:
+        from qscore.offline.fleet import FleetOptions
+
+        options = FleetOptions(
+            reply_topic=reply_topic, max_in_flight_windows=max_in_flight_windows,
+            window_timeout_s=window_timeout_s, batch_items=fleet_batch_items,
+            allow_version_change=allow_version_change, keep_reply_topic=keep_reply_topic,
+            reply_replication=reply_replication)
+        _print_summary(_rescore_on_fleet(settings, kafka, topics, options).as_dict())
+        return
     try:
         with err.status("preparing the engine") as status:
             engine, tokenizer = open_engine(settings.engine, progress=status.update)
@@ -162,6 +224,61 @@ def rescore(
     except (EngineError, OSError, ValueError) as exc:
         fail(exc)
     _print_summary(summary.as_dict())
+
+
+def _rescore_on_fleet(settings: RescoreSettings, kafka: KafkaSettings, topics: Topics,
+                      options: FleetOptions) -> RescoreSummary:
+    """`rescore --fleet`: Ctrl-C and SIGTERM stop it with the checkpoint in place."""
+    from aiokafka.errors import KafkaError
+
+    from plumbing import aio
+    from qscore.offline.checkpoint import ResumeRefused, read_checkpoint
+    from qscore.offline.fleet import FleetError, rescore_via_fleet
+    from qscore.offline.querylog import count_lines
+    from qscore.offline.rescore import Interrupted
+
+    async def main(advance: OnProgress) -> RescoreSummary:
+        loop, me = asyncio.get_running_loop(), asyncio.current_task()
+        assert me is not None
+        stopped: list[int] = []
+
+        def stop(sig: signal.Signals) -> None:
+            stopped.append(sig)
+            me.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await rescore_via_fleet(settings, kafka, topics, options,
+                                           on_progress=advance)
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            found = read_checkpoint(settings.checkpoint_path)
+            raise Interrupted(found.lines_done if found else 0,
+                              settings.checkpoint_path) from None
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        total = count_lines(settings.input)
+        with _progress_bar(enabled=settings.progress) as bar:
+            task = bar.add_task("scoring on the fleet", total=total)
+            summary = aio.run(main(lambda n: bar.advance(task, n)))
+            bar.update(task, completed=total)
+    except Interrupted as exc:
+        err.print(f"{exc}\nresume with the same command and --resume:\n  "
+                  + " ".join(_resume_command()), soft_wrap=True)
+        raise typer.Exit(130) from None
+    except (ResumeRefused, FleetError) as exc:
+        fail(exc)
+    except KafkaError as exc:
+        fail(f"rescore --fleet: {exc!r}. Check --bootstrap-servers, --topic-prefix and the "
+             "security options; the checkpoint (if any) is in place for --resume.")
+    except (OSError, ValueError) as exc:
+        fail(exc)
+    return summary
 
 
 @contextlib.contextmanager
@@ -184,7 +301,7 @@ def _resume_command() -> list[str]:
 
 
 def merge(
-    shards: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help=(
+    shards: Annotated[list[Path], typer.Argument(dir_okay=False, help=(
         "The outputs of every `qscore rescore --shard I/N` run of one log."))],
     output: Annotated[Path, typer.Option("--output", "-o", help=(
         "The joined output (and OUTPUT.rejected.jsonl): what one unsharded run writes."))],

@@ -39,6 +39,9 @@ class Checkpoint:
     summary: dict[str, Any] = field(default_factory=dict)  # counters so far
     finished: bool = False
     format: int = FORMAT
+    # The fleet path's own state (qscore.offline.fleet): run id, reply topic, output width,
+    # the last line through which every window was acknowledged. Empty for in-process runs.
+    fleet: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)

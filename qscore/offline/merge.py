@@ -47,6 +47,10 @@ class MergeSummary:
 
 def _record(output: Path) -> dict[str, Any]:
     path = output.with_name(output.name + ".shard.json")
+    pending = output.with_name(output.name + ".checkpoint.json")
+    if pending.exists():  # a run over an older finished output: its record is stale
+        raise MergeError(f"{output}: a run writing it is unfinished ({pending.name}); resume "
+                         "it with --resume")
     try:
         return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
     except FileNotFoundError:

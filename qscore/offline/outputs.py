@@ -143,6 +143,17 @@ class JsonlOutput:
         self._file.close()
 
 
+def merged_parts(path: Path) -> Path:
+    """Where a finished Parquet output's parts go to be deleted."""
+    return path.with_name(path.name + ".parts.merged")
+
+
+def discard_merged_parts(path: Path) -> None:
+    """Delete the parts of a finished Parquet output, if any are left (a kill while deleting
+    them)."""
+    shutil.rmtree(merged_parts(path), ignore_errors=True)
+
+
 def parquet_schema(output_dim: int) -> Any:
     import pyarrow as pa
 
@@ -179,6 +190,7 @@ class ParquetOutput:
         self.dir = path.with_name(path.name + ".parts")
         if parts is None:
             shutil.rmtree(self.dir, ignore_errors=True)
+            discard_merged_parts(path)
             self.dir.mkdir(parents=True)
             parts = 0
         else:
@@ -264,7 +276,11 @@ class ParquetOutput:
             os.fsync(f.fileno())
         os.replace(target, self.path)
         sync_dir(self.path.parent)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        # Out of the way in one rename, then deleted: stopped half way through deleting them
+        # in place, a resume would find fewer parts than the finished checkpoint names.
+        discard_merged_parts(self.path)
+        os.replace(self.dir, merged_parts(self.path))
+        discard_merged_parts(self.path)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -53,6 +53,7 @@ from qscore.offline.outputs import (
     PART_WINDOWS,
     Output,
     Rows,
+    discard_merged_parts,
     durable_append,
     format_for,
     fsync,
@@ -76,8 +77,11 @@ class Interrupted(Exception):
     def __init__(self, lines_done: int, checkpoint: Path) -> None:
         self.lines_done = lines_done
         self.checkpoint = checkpoint
-        super().__init__(f"interrupted: lines 1-{lines_done:,} are done and checkpointed in "
-                         f"{checkpoint}")
+        super().__init__(
+            f"interrupted: lines 1-{lines_done:,} are done and checkpointed in {checkpoint}"
+            if lines_done else
+            f"interrupted before the first checkpoint ({checkpoint}): no line is done yet, "
+            "so a resume starts at line 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +225,8 @@ class RescoreSummary:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "items": self.items, "rejected": self.rejected, "sequences": self.sequences,
+            "items": self.items, "rejected": self.rejected, "blank": self.blank,
+            "sequences": self.sequences,
             "truncated_sequences": self.truncated_sequences,
             "truncated_items": self.truncated_items, "batches": self.batches,
             "padding_overhead": round(self.padded_tokens / self.real_tokens - 1, 4)
@@ -358,6 +363,9 @@ class _Run:
                 f"{s.output} has a checkpoint at line {found.lines_done:,} from an interrupted "
                 f"run ({self.ckpt_path}); continue it with --resume, or start again with "
                 "--restart")
+        if found.fleet:
+            raise ResumeRefused(f"{self.ckpt_path} is the checkpoint of a --fleet run: resume "
+                                "it with --fleet, or start again with --restart")
         check_resumable(found, input_path=s.input, input_size=self.input_size,
                         model_id=self.summary.model_id,
                         model_version=self.summary.model_version, settings=s.identity())
@@ -368,6 +376,8 @@ class _Run:
     def open(self) -> tuple[Output, IO[bytes]]:
         s, c = self.settings, self.checkpoint
         s.output.parent.mkdir(parents=True, exist_ok=True)
+        # A finished shard's record from an earlier run would vouch for this unfinished one.
+        shard_record_path(s.output).unlink(missing_ok=True)
         state = None if c is None else {"output_bytes": c.output_bytes, "parts": c.parts}
         output = open_output(s.output, s.output_format, output_dim=self.output_dim,
                              state=state, part_windows=s.part_windows)
@@ -427,6 +437,7 @@ class _Run:
             output.seal()
         if output is not None:
             output.finish()
+        discard_merged_parts(s.output)
         if partial_of(s.rejected_path).exists():
             os.replace(partial_of(s.rejected_path), s.rejected_path)
         if s.shard is not None:
@@ -456,7 +467,10 @@ def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer
     run = _Run(settings, engine)
     summary = run.summary
     if run.checkpoint is not None and run.checkpoint.finished:
-        run.complete()  # killed while renaming into place: only that was left
+        try:
+            run.complete()  # killed while renaming into place: only that was left
+        except KeyboardInterrupt:
+            raise Interrupted(_checkpointed(run), run.ckpt_path) from None
         return summary
     started = time.perf_counter()
     digest = hashlib.sha256()
@@ -487,16 +501,27 @@ def rescore(settings: RescoreSettings, engine: Engine, tokenizer: QueryTokenizer
     except KeyboardInterrupt:
         output.close()
         rej.close()
-        raise Interrupted(run.lines_done, run.ckpt_path) from None
+        raise Interrupted(_checkpointed(run), run.ckpt_path) from None
     except BaseException:
         output.close()
         rej.close()
         raise
     summary.seconds = run.elapsed + time.perf_counter() - started
     # Readers never see a half-written output: it appears whole, or the old one stays.
-    run.finish(last, output, rej)
+    try:
+        run.finish(last, output, rej)
+    except KeyboardInterrupt:  # sealing, or merging Parquet parts: minutes for a big output
+        output.close()
+        rej.close()
+        raise Interrupted(_checkpointed(run), run.ckpt_path) from None
     log.info("rescore.finished", input=str(settings.input), **summary.as_dict())
     return summary
+
+
+def _checkpointed(run: _Run) -> int:
+    """The lines the checkpoint on disk holds (all of them once it is the finished one)."""
+    found = read_checkpoint(run.ckpt_path)
+    return found.lines_done if found else 0
 
 
 def window_rows(window: Window, items: list[Any], model_id: str,
