@@ -9,6 +9,7 @@ lane owns an infer request, so two lanes run two batches at once on one copy of 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -117,10 +118,12 @@ class OpenVinoEngine:
         self.lanes = max(1, lanes or 1)
         self.threads = threads or os.cpu_count() or 1
         core = ov.Core()
+        xml, weights = (self._checked(name) for name in (manifest.model_file, "model.bin"))
         try:
-            model = core.read_model(str(self.path / manifest.model_file))
+            model = core.read_model(model=xml, weights=weights)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ArtifactError(self.path, f"OpenVINO cannot read the model: {exc}") from exc
+        del xml, weights
         self._inputs = check_io(model, manifest, self.path)
         lap = self._phase("read", lap)
         try:
@@ -131,6 +134,25 @@ class OpenVinoEngine:
         self._phase("compile", lap)
         self._requests = [compiled.create_infer_request() for _ in range(self.lanes)]
         self._compiled = compiled
+
+    def _checked(self, name: str) -> bytes:
+        """The file's bytes, hashed as read, even when `verify` is off (a reload verified them
+        earlier, paced): what OpenVINO parses is exactly what the manifest lists. A corrupt IR
+        can crash OpenVINO's reader instead of raising, so a file changed since it was
+        verified must never reach it."""
+        entry = self.manifest.files.get(name)
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError as exc:
+            raise ArtifactError(self.path, f"cannot read {name}: {exc}") from exc
+        if entry is None:
+            raise ArtifactError(self.path, f"{name} is not in the manifest")
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry.bytes or digest != entry.sha256:
+            raise ArtifactError(self.path, f"{name}: checksum mismatch (sha256 {digest[:12]}… "
+                                           f"!= {entry.sha256[:12]}…): changed since it was "
+                                           "verified")
+        return data
 
     def _phase(self, name: str, since: float) -> float:
         now = time.perf_counter()
