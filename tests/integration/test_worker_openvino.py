@@ -48,7 +48,10 @@ async def test_worker_command_on_a_two_lane_openvino_engine_scores_like_rescore(
         worker.start()
         try:
             await publish(producer, batches)
-            scores: Scores = await consumer.collect(expected(batches), timeout=180)
+            try:
+                scores: Scores = await consumer.collect(expected(batches), timeout=180)
+            except Exception as exc:  # say what the worker did (order-dependent failure)
+                raise AssertionError(f"{exc}\nworker log:\n{worker.log_tail()}") from exc
         finally:
             code = worker.stop()
     log = (tmp_path / "worker.log").read_text()
