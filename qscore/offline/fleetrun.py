@@ -20,7 +20,6 @@ from qscore.offline.checkpoint import (
     Checkpoint,
     ResumeRefused,
     check_resumable,
-    read_checkpoint,
     write_checkpoint,
 )
 from qscore.offline.outputs import Output, fsync
@@ -78,19 +77,8 @@ class FleetRun(_Run):
 
     def _checkpoint(self) -> Checkpoint | None:
         s = self.settings
-        found = read_checkpoint(self.ckpt_path) if not s.restart else None
-        if s.restart:
-            self.ckpt_path.unlink(missing_ok=True)
-        if found is None:
-            if s.resume:
-                log.warning("rescore.no_checkpoint", output=str(s.output),
-                            note="nothing to resume: starting at line 1")
+        if (found := self._found()) is None:
             return None
-        if not s.resume:
-            raise ResumeRefused(
-                f"{s.output} has a checkpoint at line {found.lines_done:,} from an interrupted "
-                f"run ({self.ckpt_path}); continue it with --resume, or start again with "
-                "--restart")
         if found.settings.get("via") != "fleet" or not found.fleet:
             raise ResumeRefused(
                 f"{self.ckpt_path} is the checkpoint of an in-process run: resume it without "

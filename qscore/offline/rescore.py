@@ -348,7 +348,9 @@ class _Run:
         self.lines_done = self.checkpoint.lines_done if self.checkpoint else 0
         self.elapsed = self.checkpoint.summary.get("seconds", 0.0) if self.checkpoint else 0.0
 
-    def _checkpoint(self) -> Checkpoint | None:
+    def _found(self) -> Checkpoint | None:
+        """The checkpoint to resume from: None for a fresh run (`restart` discards one);
+        ResumeRefused for one left without `resume`."""
         s = self.settings
         found = read_checkpoint(self.ckpt_path) if not s.restart else None
         if s.restart:
@@ -363,6 +365,12 @@ class _Run:
                 f"{s.output} has a checkpoint at line {found.lines_done:,} from an interrupted "
                 f"run ({self.ckpt_path}); continue it with --resume, or start again with "
                 "--restart")
+        return found
+
+    def _checkpoint(self) -> Checkpoint | None:
+        s = self.settings
+        if (found := self._found()) is None:
+            return None
         if found.fleet:
             raise ResumeRefused(f"{self.ckpt_path} is the checkpoint of a --fleet run: resume "
                                 "it with --fleet, or start again with --restart")
