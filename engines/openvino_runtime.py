@@ -118,7 +118,9 @@ class OpenVinoEngine:
         self.lanes = max(1, lanes or 1)
         self.threads = threads or os.cpu_count() or 1
         core = ov.Core()
-        xml, weights = (self._checked(name) for name in (manifest.model_file, "model.bin"))
+        # Hashed here only when not just verified above (verify_artifact read them already).
+        xml, weights = (self._checked(name, rehash=not verify)
+                        for name in (manifest.model_file, "model.bin"))
         try:
             model = core.read_model(model=xml, weights=weights)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
@@ -135,7 +137,7 @@ class OpenVinoEngine:
         self._requests = [compiled.create_infer_request() for _ in range(self.lanes)]
         self._compiled = compiled
 
-    def _checked(self, name: str) -> bytes:
+    def _checked(self, name: str, rehash: bool = True) -> bytes:
         """The file's bytes, hashed as read, even when `verify` is off (a reload verified them
         earlier, paced): what OpenVINO parses is exactly what the manifest lists. A corrupt IR
         can crash OpenVINO's reader instead of raising, so a file changed since it was
@@ -147,6 +149,8 @@ class OpenVinoEngine:
             raise ArtifactError(self.path, f"cannot read {name}: {exc}") from exc
         if entry is None:
             raise ArtifactError(self.path, f"{name} is not in the manifest")
+        if not rehash:
+            return data
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != entry.bytes or digest != entry.sha256:
             raise ArtifactError(self.path, f"{name}: checksum mismatch (sha256 {digest[:12]}… "
